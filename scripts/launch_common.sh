@@ -1,0 +1,88 @@
+# Shared by pretrain_vit5.sh, finetune_vit5.sh and eval_vit5.sh (sourced, not run).
+#
+# The caller sets SCRIPT_USAGE and NEEDS_CKPT (0/1), sources this file with "$@", then
+# builds its recipe as the array RECIPE and calls `launch`. After parsing:
+#   SIZE (small|base|large), DATA_PATH, OUTPUT_DIR, CKPT, EXTRA (main.py flags after --)
+# Every option has an environment variable of the same name in capitals.
+
+fail() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
+
+usage() {
+  cat <<EOF
+usage: bash scripts/$(basename "$0") SIZE --data-path DIR [options] [-- extra main.py flags]
+
+$SCRIPT_USAGE
+
+  SIZE                 small | base | large
+  --data-path DIR      ImageNet folder with train/ and val/            (env DATA_PATH)
+  --output-dir DIR     where checkpoints and log.txt go                (env OUTPUT_DIR,
+                       default output/vit5_SIZE_$(basename "$0" _vit5.sh))
+$( [ "$NEEDS_CKPT" = 1 ] && echo "  --ckpt FILE          checkpoint to start from                        (env CKPT)" )
+  --gpus N             processes (GPUs) per node, default 8            (env GPUS)
+  --nnodes N           number of nodes, default 1                      (env NNODES)
+  --node-rank R        this node's rank, default 0                     (env NODE_RANK)
+  --master-addr HOST   rank-0 node's address, needed with --nnodes > 1 (env MASTER_ADDR)
+  --master-port PORT   rendezvous port, default 29500                  (env MASTER_PORT)
+  --dry-run            print the command without running it            (env DRY_RUN=1)
+  -h, --help           this help
+
+Flags after -- are appended to main.py's (a later flag overrides an earlier one).
+Run it on every node with its own --node-rank. Set TORCHRUN to use another launcher binary.
+EOF
+}
+
+SIZE=""
+GPUS=${GPUS:-8} NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} DRY_RUN=${DRY_RUN:-0}
+DATA_PATH=${DATA_PATH:-} OUTPUT_DIR=${OUTPUT_DIR:-} CKPT=${CKPT:-}
+MASTER_ADDR=${MASTER_ADDR:-} MASTER_PORT=${MASTER_PORT:-29500}
+EXTRA=()
+
+value() { [ $# -ge 2 ] && [ -n "$2" ] || fail "$1 needs a value"; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --data-path) value "$@"; DATA_PATH=$2; shift ;;
+    --output-dir) value "$@"; OUTPUT_DIR=$2; shift ;;
+    --ckpt) [ "$NEEDS_CKPT" = 1 ] || fail "--ckpt is not an option of this script"; value "$@"; CKPT=$2; shift ;;
+    --gpus) value "$@"; GPUS=$2; shift ;;
+    --nnodes) value "$@"; NNODES=$2; shift ;;
+    --node-rank) value "$@"; NODE_RANK=$2; shift ;;
+    --master-addr) value "$@"; MASTER_ADDR=$2; shift ;;
+    --master-port) value "$@"; MASTER_PORT=$2; shift ;;
+    --dry-run) DRY_RUN=1 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -*) fail "unknown option $1 (see --help; main.py flags go after --)" ;;
+    *) [ -z "$SIZE" ] || fail "unexpected argument $1 (see --help)"; SIZE=$1 ;;
+  esac
+  shift
+done
+
+case "$SIZE" in
+  small|base|large) ;;
+  "") fail "give the model size first: small, base or large (see --help)" ;;
+  *) fail "unknown size '$SIZE': use small, base or large" ;;
+esac
+[ -n "$DATA_PATH" ] || fail "give --data-path DIR (or DATA_PATH=DIR)"
+[ "$NEEDS_CKPT" = 1 ] && [ -z "$CKPT" ] && fail "give --ckpt FILE (or CKPT=FILE)"
+for var in GPUS NNODES; do
+  [[ ${!var} =~ ^[1-9][0-9]*$ ]] || fail "$var must be a positive integer, got '${!var}'"
+done
+[[ $NODE_RANK =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$NNODES" ] \
+  || fail "NODE_RANK must be in 0..$((NNODES - 1)), got '$NODE_RANK'"
+[ "$NNODES" = 1 ] || [ -n "$MASTER_ADDR" ] || fail "--nnodes $NNODES needs --master-addr (rank 0's host)"
+OUTPUT_DIR=${OUTPUT_DIR:-output/vit5_${SIZE}_$(basename "$0" _vit5.sh)}
+
+# Print the command (copy-pasteable), then run it from the repository root unless DRY_RUN=1.
+launch() {
+  local cmd=("${TORCHRUN:-torchrun}" --nproc_per_node "$GPUS")
+  if [ "$NNODES" != 1 ]; then
+    cmd+=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+  elif [ "$MASTER_PORT" != 29500 ]; then
+    cmd+=(--master_port "$MASTER_PORT")
+  fi
+  cmd+=(main.py "${RECIPE[@]}" "${EXTRA[@]}")
+  printf '%q ' "${cmd[@]}"
+  echo
+  [ "$DRY_RUN" = 1 ] && return 0
+  cd "$(dirname "$0")/.." && exec "${cmd[@]}"
+}
