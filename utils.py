@@ -1,0 +1,326 @@
+"""Run-level helpers: distributed setup, progress logging, RNG state, checkpoint files.
+
+Nothing here knows about the model or the data; main.py and engine.py import from it, and so
+do the scripts (`load_checkpoint`).
+"""
+import argparse
+import builtins
+import datetime
+import os
+import pickle
+import random
+import re
+import time
+import warnings
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# ---- errors main.py turns into a one-line message -------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, not a checkpoint, or needs code to load."""
+
+
+class ConfigError(ValueError):
+    """The settings cannot work together (e.g. an input size the patch size does not divide)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or the weights) stopped being finite on at least one rank."""
+
+
+# ---- distributed -------------------------------------------------------------------------------------
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def launcher_env() -> dict:
+    """rank / world size / local rank from torchrun (RANK, ...) or SLURM (SLURM_PROCID, ...); {} if neither."""
+    env = os.environ
+    if 'RANK' in env and 'WORLD_SIZE' in env:
+        return dict(rank=int(env['RANK']), world_size=int(env['WORLD_SIZE']),
+                    local_rank=int(env.get('LOCAL_RANK', 0)))
+    if 'SLURM_PROCID' in env and 'SLURM_NTASKS' in env:
+        return dict(rank=int(env['SLURM_PROCID']), world_size=int(env['SLURM_NTASKS']),
+                    local_rank=int(env.get('SLURM_LOCALID', 0)))
+    return {}
+
+
+def init_distributed(args, device_type: str) -> None:
+    """Join the process group the launcher describes; a plain `python main.py` stays single-process.
+
+    Sets args.distributed, args.rank, args.world_size and args.local_rank. NCCL on CUDA, gloo
+    otherwise. A SLURM job of one task is single-process.
+    """
+    env = launcher_env()
+    if args.world_size not in (1, env.get('world_size', 1)):
+        raise ConfigError(f'--world_size {args.world_size} disagrees with the launcher, which started '
+                          f'{env.get("world_size", 1)} process(es)')
+    args.rank, args.local_rank = env.get('rank', 0), env.get('local_rank', 0)
+    args.world_size = env.get('world_size', 1)
+    if args.world_size == 1:
+        if args.distributed:
+            raise ConfigError('--distributed needs a launcher: run under torchrun or SLURM (srun) '
+                              'with more than one process')
+        args.distributed = False
+        return
+    args.distributed = True
+    if args.dist_url == 'env://':
+        # SLURM without torchrun sets no RANK/WORLD_SIZE; env:// reads them (MASTER_ADDR/PORT come from the job)
+        for key in ('MASTER_ADDR', 'MASTER_PORT'):
+            if key not in os.environ:
+                raise ConfigError(f'--dist_url env:// needs {key} in the environment '
+                                  f'(or pass --dist_url tcp://HOST:PORT)')
+        os.environ.setdefault('RANK', str(args.rank))
+        os.environ.setdefault('WORLD_SIZE', str(args.world_size))
+    if device_type == 'cuda':
+        torch.cuda.set_device(args.local_rank)
+    backend = 'nccl' if device_type == 'cuda' else 'gloo'
+    dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+    quiet_non_main_ranks(args.rank == 0)
+
+
+def quiet_non_main_ranks(is_main: bool) -> None:
+    """Keep print() on rank 0 only (print(..., force=True) still prints everywhere)."""
+    plain_print = builtins.print
+
+    def rank_print(*a, force: bool = False, **kw):
+        if is_main or force:
+            plain_print(*a, **kw)
+
+    builtins.print = rank_print
+
+
+def all_ranks_finite(value: torch.Tensor) -> bool:
+    """True when `value` is finite on every rank: all ranks get the same answer, so they stop together."""
+    ok = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
+    if is_dist():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---- RNG state (exact resume) ------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict:
+    """Every global generator a training epoch draws from, as tensors and plain Python values only.
+
+    numpy's key array is stored as a tensor so the checkpoint loads with weights_only=True.
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(
+        python=random.getstate(),
+        numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                   has_gauss=int(has_gauss), gauss=float(gauss)),
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    )
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    n = state['numpy']
+    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# ---- checkpoint files --------------------------------------------------------------------------------
+def save_checkpoint(state: dict, path: str) -> None:
+    """The one way this code writes a checkpoint: rank 0 only, atomically.
+
+    The file is written beside its target and renamed over it, so a crash mid-write leaves the
+    previous checkpoint whole and at most a stray `.tmp` file.
+    """
+    if not is_main_process():
+        return
+    tmp = f'{path}.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# Files needing any global beyond these are refused: unpickling them could run code.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint dict on the CPU without executing anything stored in it.
+
+    torch.load(weights_only=True) accepts tensors, plain containers and argparse.Namespace (the
+    released files pickle one). Raises CheckpointError, naming the file, for a missing, empty,
+    truncated or foreign file, and for one that would need other Python objects to load.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path} does not exist')
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter('ignore', UserWarning)  # pickle-protocol chatter from the safe unpickler
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r'GLOBAL (\S+)', str(err))
+        if found:
+            raise CheckpointError(
+                f'refusing {path}: loading it needs the Python object {found.group(1)}, which could run code; '
+                f'only tensors, plain containers and argparse.Namespace are loaded (it was not unpickled)') from None
+        raise CheckpointError(f'{path} is not a PyTorch checkpoint this code can read safely') from None
+    except EOFError:
+        raise CheckpointError(f'{path} is empty or truncated') from None
+    except (RuntimeError, OSError, KeyError, ValueError, IndexError, TypeError) as err:
+        # the zip reader says 'failed finding central directory' for a cut-off file
+        detail = str(err).split('.')[0][:120]
+        raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint ({detail})') from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict')
+    return ckpt
+
+
+# ---- progress logging --------------------------------------------------------------------------------
+class SmoothedValue:
+    """A scalar series: median / mean over a recent window, and the average over everything seen."""
+
+    def __init__(self, window: int = 20, fmt: str = '{median:.4f} ({global_avg:.4f})'):
+        self.window = deque(maxlen=window)
+        self.total, self.count, self.fmt = 0.0, 0, fmt
+
+    def update(self, value: float, n: int = 1):
+        self.window.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self):
+        """Make total and count the sums over ranks (the window stays local)."""
+        if not is_dist():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64,
+                         device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), t[1].item()
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.window)) if self.window else 0.0
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(self.window)) if self.window else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self) -> float:
+        return max(self.window) if self.window else 0.0
+
+    @property
+    def value(self) -> float:
+        return self.window[-1] if self.window else 0.0
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+def max_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated on the GPU, or the process's peak resident set on the CPU."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource  # POSIX only; ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetricLogger:
+    """Named SmoothedValues plus a progress printer for a loop over a data loader."""
+
+    def __init__(self, device: torch.device, delimiter: str = '  '):
+        self.meters = defaultdict(SmoothedValue)
+        self.device, self.delimiter = device, delimiter
+
+    def update(self, **values):
+        for name, v in values.items():
+            self.meters[name].update(v.item() if isinstance(v, torch.Tensor) else float(v))
+
+    def add_meter(self, name: str, meter: SmoothedValue):
+        self.meters[name] = meter
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def __str__(self):
+        return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
+
+    def log_every(self, iterable, print_freq: int, header: str = '', batch_size: int = 0):
+        """Yield from `iterable`, printing every `print_freq` steps and at the last one:
+        eta, the meters, img/s (per process, when batch_size is given), step and data time, peak memory."""
+        n = len(iterable)
+        step_time, data_time = SmoothedValue(fmt='{avg:.4f}'), SmoothedValue(fmt='{avg:.4f}')
+        width = len(str(n))
+        start = end = time.time()
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            step_time.update(time.time() - end)
+            if i % print_freq == 0 or i == n - 1:
+                eta = datetime.timedelta(seconds=int(step_time.global_avg * (n - i - 1)))
+                parts = [f'{header} [{i:{width}d}/{n}]', f'eta: {eta}', str(self)]
+                if batch_size:
+                    parts.append(f'img/s: {batch_size / max(step_time.avg, 1e-9):.1f}')
+                parts += [f'time: {step_time}', f'data: {data_time}',
+                          f'max mem: {max_memory_mb(self.device):.0f}MB']
+                print(self.delimiter.join(p for p in parts if p))
+            end = time.time()
+        total = time.time() - start
+        print(f'{header} Total time: {datetime.timedelta(seconds=int(total))} ({total / max(n, 1):.4f} s / it)')
