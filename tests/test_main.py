@@ -1,0 +1,356 @@
+"""main.py end to end on CPU: the released flags, exact resume, evaluation, fine-tuning, the command
+line and every kind of bad input."""
+import argparse
+import math
+import re
+import shlex
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+import utils
+from tinyrun import REPO, TINY, make_image_folder, one_thread, parse, read_log, run_cli, run_main
+
+SPEC = REPO.parent / 'shared' / 'SPEC.md'
+
+PRETRAIN = ('torchrun --nproc_per_node 8 main.py --model vit5_small --input-size 224 --data-path IMNET '
+            '--output_dir OUT --batch 256 --accum_iter 1 --lr 4e-3 --weight-decay 0.05 --epochs 800 '
+            '--opt fusedlamb --unscale-lr --mixup .8 --cutmix 1.0 --color-jitter 0.3 --drop-path 0.05 '
+            '--reprob 0.0 --smoothing 0.0 --ThreeAugment --repeated-aug --bce-loss --warmup-epochs 5 '
+            '--eval-crop-ratio 1.0 --dist-eval --disable_wandb')
+FINETUNE = ('torchrun --nproc_per_node 8 main.py --model vit5_small --finetune CKPT --data-path DATA '
+            '--output_dir OUT --batch 64 --lr 1e-5 --weight-decay 0.1 --epochs 20 --unscale-lr '
+            '--aa rand-m9-mstd0.5-inc1 --drop-path 0.05 --reprob 0.0 --smoothing 0.1 --no-repeated-aug '
+            '--dist-eval --load_ema --eval-crop-ratio 1.0 --disable_wandb')
+RELEASED = {
+    'pretrain_small': PRETRAIN,
+    'pretrain_base': PRETRAIN.replace('vit5_small --input-size 224', 'vit5_base --input-size 192')
+                             .replace('--lr 4e-3', '--lr 3e-3').replace('--drop-path 0.05', '--drop-path 0.2'),
+    'pretrain_large': PRETRAIN.replace('vit5_small --input-size 224', 'vit5_large --input-size 192')
+                              .replace('--lr 4e-3', '--lr 3e-3').replace('--epochs 800', '--epochs 400')
+                              .replace('--drop-path 0.05', '--drop-path 0.35'),
+    'finetune_small': FINETUNE,
+    'finetune_base': FINETUNE.replace('vit5_small', 'vit5_base').replace('--drop-path 0.05', '--drop-path 0.25'),
+    'finetune_large': FINETUNE.replace('vit5_small', 'vit5_large').replace('--drop-path 0.05', '--drop-path 0.5'),
+}
+
+# the released pretraining recipe, shrunk (batch, epochs, warmup); EMA decay lowered so it visibly differs
+PRETRAIN_TINY = ['--batch', 8, '--accum_iter', 1, '--lr', 4e-3, '--weight-decay', 0.05, '--epochs', 3,
+                 '--opt', 'fusedlamb', '--unscale-lr', '--mixup', .8, '--cutmix', 1.0, '--color-jitter', 0.3,
+                 '--drop-path', 0.05, '--reprob', 0.0, '--smoothing', 0.0, '--ThreeAugment', '--repeated-aug',
+                 '--bce-loss', '--eval-crop-ratio', 1.0, '--dist-eval', '--disable_wandb',
+                 '--model-ema-decay', 0.9]
+
+
+# ---- the command line ---------------------------------------------------------------------------
+@pytest.mark.parametrize('name', sorted(RELEASED))
+def test_released_commands_parse_unchanged(name):
+    argv = shlex.split(RELEASED[name])[4:]  # drop `torchrun --nproc_per_node 8 main.py`
+    args = parse(argv)
+    assert args.batch_size == int(argv[argv.index('--batch') + 1])  # --batch abbreviates --batch-size
+    assert args.eval_crop_ratio == 1.0 and args.dist_eval and not args.if_wandb and args.unscale_lr
+    if name.startswith('pretrain'):
+        assert args.ThreeAugment and args.repeated_aug and args.bce_loss and args.opt == 'fusedlamb'
+        assert (args.mixup, args.cutmix, args.smoothing, args.reprob) == (0.8, 1.0, 0.0, 0.0)
+    else:
+        assert args.finetune == 'CKPT' and args.load_ema and not args.repeated_aug and args.smoothing == 0.1
+        assert args.aa == 'rand-m9-mstd0.5-inc1' and args.epochs == 20
+
+
+def test_released_commands_match_spec():
+    """The commands above are the ones the spec prints (guards against drift)."""
+    if not SPEC.exists():
+        pytest.skip('shared/SPEC.md not available')
+    text = ' '.join(SPEC.read_text().replace('\\\n', ' ').split())
+    assert ' '.join(PRETRAIN.split()) in text and ' '.join(FINETUNE.split()) in text
+
+
+def test_batch_is_the_only_abbreviation_of_batch_size():
+    flags = [s for a in main.get_args_parser()._actions for s in a.option_strings]
+    assert [f for f in flags if f.startswith('--batch')] == ['--batch-size']
+
+
+def test_every_flag_is_read():
+    """No dead flags: each option's destination is read as args.<dest> in the training code."""
+    source = ''.join((REPO / f).read_text() for f in ('main.py', 'utils.py', 'datasets.py'))
+    dests = {a.dest for a in main.get_args_parser()._actions if a.dest != 'help'}
+    unread = sorted(d for d in dests if not re.search(rf'args\.{d}\b', source))
+    assert not unread, unread
+
+
+def test_spec_flags_all_exist():
+    spec_flags = set(re.findall(r'(--[A-Za-z][\w-]*)', SPEC.read_text())) if SPEC.exists() else set()
+    known = {s for a in main.get_args_parser()._actions for s in a.option_strings}
+    assert spec_flags and spec_flags - {'--nproc_per_node', '--batch'} <= known
+
+
+def test_new_flags_parse():
+    args = parse(['--model-kwargs', 'qk_norm=False', 'num_registers=0', 'mlp_type=swiglu', '--nb-classes', 7,
+                  '--amp-dtype', 'float16', '--compile', '--auto-resume', '--layer-decay', 0.75,
+                  '--device', 'cpu', '--data-set', 'CIFAR10', '--flash', '--no-model-ema'])
+    assert args.model_kwargs == dict(qk_norm=False, num_registers=0, mlp_type='swiglu')
+    assert (args.nb_classes, args.amp_dtype, args.layer_decay, args.data_set) == (7, 'float16', 0.75, 'CIFAR10')
+    assert args.compile and args.auto_resume and args.flash and not args.model_ema
+    defaults = parse([])
+    assert defaults.amp_dtype is None and not defaults.flash and defaults.model_ema and defaults.repeated_aug
+    assert defaults.device == ('cuda' if torch.cuda.is_available() else 'cpu')
+    device, dtype = main.resolve_device(parse(['--device', 'cpu']))
+    assert device.type == 'cpu' and dtype == torch.float32  # bf16 is the default on CUDA only
+
+
+def test_lr_schedule_epoch_e_trains_at_value_e_and_resumes():
+    args = parse(['--epochs', 10, '--warmup-epochs', 2, '--cooldown-epochs', 2, '--lr', 1e-3, '--min-lr', 1e-5])
+    model = torch.nn.Linear(4, 2)
+    opt = main.build_optimizer(args, model, torch.device('cpu'))
+    sched = main.build_scheduler(args, opt)
+    lrs = []
+    for epoch in range(10):
+        main.schedule(sched, args, epoch)
+        lrs.append(opt.param_groups[0]['lr'])
+    assert lrs[0] == pytest.approx(1e-6) and lrs[0] < lrs[1] < lrs[2]  # warmup: no two epochs share an lr
+    assert lrs[2] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 2 / 8)))  # cosine over 8
+    assert lrs[7] > lrs[8] == lrs[9] == pytest.approx(1e-5)  # two cooldown epochs at --min-lr
+    opt2 = main.build_optimizer(args, model, torch.device('cpu'))
+    sched2 = main.build_scheduler(args, opt2)
+    sched2.load_state_dict(sched.state_dict())
+    main.schedule(sched2, args, 5)
+    assert opt2.param_groups[0]['lr'] == lrs[5]
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('data'))
+
+
+@pytest.fixture(scope='module')
+def pretrain(data, tmp_path_factory):
+    """3 epochs of the released pretraining flags; keeps a copy of each epoch's checkpoint.pth."""
+    out = tmp_path_factory.mktemp('pretrain')
+    save = utils.save_checkpoint
+
+    def save_and_keep(state, path):
+        save(state, path)
+        if path.endswith('checkpoint.pth') and 'best' not in path:
+            shutil.copy(path, f'{path}.epoch{state["epoch"]}')
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(utils, 'save_checkpoint', save_and_keep)
+        argv = TINY + ['--data-path', data, '--output_dir', out] + PRETRAIN_TINY
+        _, stdout = run_main(argv)
+    return types.SimpleNamespace(out=out, argv=argv, stdout=stdout)
+
+
+def test_pretraining_flags_end_to_end(pretrain):
+    log = read_log(pretrain.out)
+    assert [e['epoch'] for e in log] == [0, 1, 2]
+    for key in ('train_lr', 'train_loss', 'test_loss', 'test_acc1', 'test_acc5', 'test_acc1_ema',
+                'test_acc5_ema', 'epoch', 'n_parameters'):
+        assert all(key in e for e in log), key
+    assert (pretrain.out / 'args.json').exists() and (pretrain.out / 'best_checkpoint.pth').exists()
+    out = pretrain.stdout
+    assert "timm's LAMB" in out  # fusedlamb without apex: one-line notice
+    assert re.search(r'\* Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+', out)
+    assert 'Accuracy of the network on the 9 test images' in out
+    progress = [line for line in out.splitlines() if line.startswith('Epoch: [0] [')]
+    assert progress and all(k in progress[0] for k in ('eta:', 'lr:', 'loss:', 'img/s:', 'data:', 'max mem:'))
+    ckpt = utils.load_checkpoint(str(pretrain.out / 'checkpoint.pth'))
+    assert {'model', 'model_ema', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'args', 'max_accuracy',
+            'rng'} <= set(ckpt)
+    assert isinstance(ckpt['args'], argparse.Namespace) and ckpt['epoch'] == 2
+    assert ckpt['max_accuracy'] == max(e['test_acc1'] for e in log)
+    # epoch e trained at the scheduler's value for e: the warmup lr in epoch 0 only
+    assert log[0]['train_lr'] == pytest.approx(1e-6)
+    assert log[1]['train_lr'] == pytest.approx(1e-5 + 0.5 * (4e-3 - 1e-5) * (1 + math.cos(math.pi / 3)))
+
+
+def test_resume_is_exact(pretrain, tmp_path):
+    """Stopped after epoch 0, resumed with the same command: bit-identical model and EMA at the end."""
+    out = tmp_path / 'resumed'
+    out.mkdir()
+    shutil.copy(pretrain.out / 'checkpoint.pth.epoch0', out / 'checkpoint.pth')
+    argv = [a if a != pretrain.out else out for a in pretrain.argv]
+    run_main(argv + ['--resume', out / 'checkpoint.pth'])
+    full = utils.load_checkpoint(str(pretrain.out / 'checkpoint.pth'))
+    resumed = utils.load_checkpoint(str(out / 'checkpoint.pth'))
+    for key in ('model', 'model_ema'):
+        assert full[key].keys() == resumed[key].keys()
+        for name, tensor in full[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f'{key}.{name}'
+    assert resumed['max_accuracy'] == full['max_accuracy']
+    assert [e['epoch'] for e in read_log(out)] == [1, 2]
+    assert read_log(out) == read_log(pretrain.out)[1:]
+
+
+def test_auto_resume_picks_up_output_checkpoint(pretrain, tmp_path):
+    shutil.copy(pretrain.out / 'checkpoint.pth', tmp_path / 'checkpoint.pth')
+    argv = [a if a != pretrain.out else tmp_path for a in pretrain.argv]
+    _, out = run_main(argv + ['--auto-resume'])
+    assert 'Auto-resuming' in out and 'from epoch 3' in out
+
+
+def test_eval_of_model_and_ema_weights(pretrain, data):
+    last = read_log(pretrain.out)[-1]
+    ckpt = pretrain.out / 'checkpoint.pth'
+    base = TINY + ['--data-path', data, '--eval', '--resume', ckpt, '--batch', 8]
+    stats, out = run_main(base)
+    assert stats['acc1'] == pytest.approx(last['test_acc1']) and stats['loss'] == pytest.approx(last['test_loss'])
+    assert 'Accuracy of the network on the 9 test images' in out
+    ema_stats, _ = run_main(base + ['--load_ema'])
+    assert ema_stats['loss'] == pytest.approx(last['test_loss_ema'])
+    assert ema_stats['loss'] != pytest.approx(stats['loss'])
+
+
+def test_finetune_at_another_size_from_ema(pretrain, data, tmp_path):
+    """Released fine-tuning flags from the 32 px checkpoint at 48 px, with a 5-class head."""
+    ckpt = str(pretrain.out / 'checkpoint.pth')
+    data48 = make_image_folder(tmp_path / 'data48', size=48)
+    argv = TINY + ['--input-size', 48, '--finetune', ckpt, '--data-path', data48, '--output_dir', tmp_path / 'ft',
+                   '--batch', 8, '--lr', 1e-5, '--weight-decay', 0.1, '--epochs', 1, '--unscale-lr',
+                   '--aa', 'rand-m9-mstd0.5-inc1', '--drop-path', 0.05, '--reprob', 0.0, '--smoothing', 0.1,
+                   '--no-repeated-aug', '--dist-eval', '--load_ema', '--eval-crop-ratio', 1.0, '--disable_wandb',
+                   '--nb-classes', 5]
+    _, out = run_main(argv)
+    assert 'Dropping head.weight' in out and 'Dropping head.bias' in out
+    assert "['head.weight', 'head.bias']" in out  # printed as missing, not silently skipped
+    src = utils.load_checkpoint(ckpt)['model_ema']
+    tuned = utils.load_checkpoint(str(tmp_path / 'ft' / 'checkpoint.pth'))
+    assert tuned['model']['pos_embed'].shape == (1, 9, 48) and src['pos_embed'].shape == (1, 4, 48)
+    assert tuned['model']['head.weight'].shape == (5, 48)
+    assert len(read_log(tmp_path / 'ft')) == 1
+
+
+def test_wandb_only_when_asked(data, tmp_path, monkeypatch, capsys):
+    calls = []
+    fake = types.SimpleNamespace(
+        login=lambda **kw: calls.append(('login', kw)),
+        init=lambda **kw: calls.append(('init', kw)) or types.SimpleNamespace(
+            log=lambda stats, step: calls.append(('log', step)), finish=lambda: calls.append(('finish',))))
+    monkeypatch.setitem(sys.modules, 'wandb', fake)
+    argv = TINY + ['--data-path', data, '--output_dir', tmp_path, '--batch', 8, '--epochs', 1,
+                   '--no-repeated-aug', '--mixup', 0, '--cutmix', 0, '--no-model-ema']
+    run_main(argv + ['--if_wandb', '--wandb_key', 'k', '--wandb_resume', 'run7'])
+    assert [c[0] for c in calls] == ['login', 'init', 'log', 'finish']
+    assert calls[1][1]['id'] == 'run7' and calls[1][1]['config']['epochs'] == 1
+    # without the package: runs unless asked for (so it is imported only then), else a one-line error
+    monkeypatch.setitem(sys.modules, 'wandb', None)
+    run_main(argv + ['--if_wandb', '--disable_wandb'])
+    assert 'pip install wandb' in cli_error(argv + ['--if_wandb'], capsys)
+
+
+def test_plain_command_trains(data, tmp_path):
+    argv = TINY + ['--data-path', data, '--output_dir', tmp_path, '--batch', 8, '--epochs', 1,
+                   '--no-repeated-aug', '--mixup', 0, '--cutmix', 0]
+    proc = run_cli(argv)
+    assert proc.returncode == 0, proc.stderr
+    assert 'Accuracy of the network on the 9 test images' in proc.stdout
+    assert len(read_log(tmp_path)) == 1 and (tmp_path / 'checkpoint.pth').exists()
+
+
+# ---- bad input: one line on stderr, exit code 2, no traceback --------------------------------
+def cli_error(argv, capsys, code=2):
+    capsys.readouterr()
+    with one_thread():
+        rc = main.cli([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == code, err
+    assert err.startswith('error: ') and '\n' not in err and 'Traceback' not in err
+    return err
+
+
+@pytest.fixture
+def tiny_ckpt(pretrain):
+    return str(pretrain.out / 'checkpoint.pth')
+
+
+def test_missing_and_empty_data_path(tmp_path, capsys):
+    err = cli_error(TINY + ['--data-path', tmp_path / 'nowhere'], capsys)
+    assert str(tmp_path / 'nowhere') in err
+    (tmp_path / 'empty' / 'train' / 'cat').mkdir(parents=True)
+    (tmp_path / 'empty' / 'val' / 'cat').mkdir(parents=True)
+    err = cli_error(TINY + ['--data-path', tmp_path / 'empty'], capsys)
+    assert 'no images' in err and str(tmp_path / 'empty') in err
+
+
+def test_input_size_not_divisible_by_patch(data, capsys):
+    err = cli_error(TINY + ['--data-path', data, '--input-size', 40, '--batch', 8], capsys)
+    assert '40' in err and 'patch size 16' in err
+
+
+def test_bad_model_kwargs(data, capsys):
+    assert 'foo' in cli_error(TINY + ['--data-path', data, '--batch', 8, '--model-kwargs', 'foo=1'], capsys)
+
+
+def test_truncated_and_foreign_checkpoints(data, tiny_ckpt, tmp_path, capsys):
+    raw = Path(tiny_ckpt).read_bytes()
+    (tmp_path / 'cut.pth').write_bytes(raw[:len(raw) // 2])
+    (tmp_path / 'notes.pth').write_text('not a checkpoint\n')
+    for flag, name in (('--resume', 'cut.pth'), ('--finetune', 'notes.pth'), ('--resume', 'nothing.pth')):
+        err = cli_error(TINY + ['--data-path', data, flag, tmp_path / name, '--eval'], capsys)
+        assert str(tmp_path / name) in err
+
+
+def test_checkpoint_of_another_architecture(data, tiny_ckpt, capsys):
+    wider = [a if a != 'embed_dim=48' else 'embed_dim=64' for a in TINY]
+    for flag in ('--resume', '--finetune'):
+        err = cli_error(wider + ['--data-path', data, flag, tiny_ckpt, '--eval'], capsys)
+        assert 'shapes differ' in err and 'pos_embed (file (1, 4, 48), model (1, 4, 64))' in err
+    deeper = [a if a != 'depth=2' else 'depth=3' for a in TINY]
+    err = cli_error(deeper + ['--data-path', data, '--resume', tiny_ckpt, '--eval'], capsys)
+    assert 'missing keys [blocks.2.' in err
+
+
+class Payload:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_checkpoint_carrying_code_is_refused_unexecuted(data, tiny_ckpt, tmp_path, capsys):
+    ckpt = utils.load_checkpoint(tiny_ckpt)
+    ckpt['extra'] = Payload(tmp_path / 'ran')
+    torch.save(ckpt, tmp_path / 'evil.pth')
+    for flag in ('--resume', '--finetune'):
+        err = cli_error(TINY + ['--data-path', data, flag, tmp_path / 'evil.pth', '--eval'], capsys)
+        assert 'refusing' in err and 'evil.pth' in err
+    assert not (tmp_path / 'ran').exists()
+
+
+def test_missing_teacher_path(data, tmp_path, capsys):
+    err = cli_error(TINY + ['--data-path', data, '--distillation-type', 'hard', '--teacher-path',
+                            tmp_path / 'teacher.pth'], capsys)
+    assert 'teacher.pth' in err
+
+
+def test_settings_that_cannot_work_together(data, capsys):
+    assert '--smoothing 0' in cli_error(TINY + ['--data-path', data, '--bce-loss'], capsys)
+    assert 'even' in cli_error(TINY + ['--data-path', data, '--batch', 7], capsys)
+    assert 'launcher' in cli_error(TINY + ['--data-path', data, '--distributed'], capsys)
+
+
+def test_unreadable_image_as_a_command(data, tmp_path):
+    """Through `python main.py`, with a DataLoader worker reading the broken file."""
+    broken = Path(shutil.copytree(data, tmp_path / 'data'))
+    bad = broken / 'train' / 'class_1' / '2.png'
+    bad.write_bytes(b'\x89PNG\r\n\x1a\n' + b'\0' * 20)
+    proc = run_cli(TINY + ['--data-path', broken, '--num_workers', 1, '--batch', 12, '--epochs', 1,
+                           '--no-repeated-aug', '--mixup', 0, '--cutmix', 0])
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and 'Traceback' not in err and '\n' not in err, err
+    assert err.startswith('error: cannot read image') and str(bad) in err
+
+
+def test_nonfinite_loss_stops_before_saving(data, tmp_path, capsys):
+    err = cli_error(TINY + ['--data-path', data, '--output_dir', tmp_path, '--batch', 8, '--epochs', 1,
+                            '--opt', 'sgd', '--lr', 1e30, '--unscale-lr', '--warmup-epochs', 0], capsys, code=1)
+    assert 'non-finite' in err
+    assert not (tmp_path / 'checkpoint.pth').exists() and not (tmp_path / 'log.txt').exists()

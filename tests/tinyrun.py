@@ -1,0 +1,71 @@
+"""Shared pieces of the training tests: a tiny ViT-5, an image folder written on the fly, and ways
+to run main.py in-process or as a command."""
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+# 2 blocks of width 48: a few thousand images per second on one CPU core
+TINY = ['--model', 'vit5_tiny', '--model-kwargs', 'depth=2', 'embed_dim=48', 'num_heads=2',
+        '--input-size', '32', '--device', 'cpu', '--num_workers', '0', '--data-set', 'FOLDER',
+        '--warmup-epochs', '1', '--cooldown-epochs', '0', '--batch', '8']
+
+
+def make_image_folder(root, train_per_class=(4, 4, 4), val_per_class=(3, 3, 3), size=32, seed=0):
+    """root/{train,val}/class_k/i.png: noisy images whose dominant colour channel is the class."""
+    rng = np.random.default_rng(seed)
+    for split, counts in (('train', train_per_class), ('val', val_per_class)):
+        for k, n in enumerate(counts):
+            folder = Path(root) / split / f'class_{k}'
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = (rng.random((size, size, 3)) * 128).astype(np.uint8)
+                img[..., k % 3] += 127
+                Image.fromarray(img).save(folder / f'{i}.png')
+    return str(root)
+
+
+def parse(argv):
+    import main
+    return main.get_args_parser().parse_args([str(a) for a in argv])
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run fastest on one intra-op thread, above all on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_main(argv):
+    """main.main in this process; returns (result, captured stdout)."""
+    import main
+    buf = io.StringIO()
+    with one_thread(), contextlib.redirect_stdout(buf):
+        result = main.main(parse(argv))
+    return result, buf.getvalue()
+
+
+def run_cli(argv, timeout=300, env=None, launcher=(sys.executable,)):
+    """`python main.py ARGV` (or under `launcher`) from the repository root."""
+    full_env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
+    return subprocess.run([*launcher, str(REPO / 'main.py'), *[str(a) for a in argv]], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_log(out_dir):
+    with open(Path(out_dir) / 'log.txt') as f:
+        return [json.loads(line) for line in f]
