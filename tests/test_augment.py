@@ -1,0 +1,111 @@
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from augment import RandomRadiusBlur, three_augment_transform
+
+MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+
+
+def _pixels(x):
+    """Normalised tensor (3, H, W) -> 0..255 values."""
+    return (x * STD + MEAN) * 255
+
+
+def _seed(s=0):
+    torch.manual_seed(s)
+    random.seed(s)  # RandomChoice draws from python's generator
+
+
+@pytest.mark.parametrize('src', [False, True])
+def test_output_shape_and_normalisation(src):
+    _seed()
+    t = three_augment_transform(24, color_jitter=0.0, src=src)
+    img = Image.new('RGB', (40, 30), (128, 128, 128))
+    for _ in range(10):
+        x = t(img)
+        assert x.shape == (3, 24, 24) and x.dtype == torch.float32
+        # a mid-gray image stays 128 (grayscale, blur) or 127 (solarize inverts >= 128)
+        v = _pixels(x)
+        assert torch.allclose(v, torch.full_like(v, 128.0), atol=1.01)
+
+
+def test_exactly_one_of_three_ops_is_chosen_uniformly():
+    _seed()
+    rgb = (200, 40, 90)
+    gray = round(0.299 * 200 + 0.587 * 40 + 0.114 * 90)
+    outcomes = {'gray': (gray,) * 3, 'solarize': (255 - 200, 40, 90), 'blur': rgb}
+    t = three_augment_transform(16, color_jitter=0.0)
+    img = Image.new('RGB', (20, 20), rgb)  # uniform: crop, flip and blur keep the colour
+    counts = dict.fromkeys(outcomes, 0)
+    for _ in range(300):
+        colour = _pixels(t(img)).mean((1, 2))
+        hits = [k for k, c in outcomes.items() if torch.allclose(colour, torch.tensor(c, dtype=torch.float), atol=1.5)]
+        assert len(hits) == 1, colour
+        counts[hits[0]] += 1
+    assert all(70 <= c <= 130 for c in counts.values()), counts  # 100 +- 30 each when uniform
+
+
+def test_color_jitter_only_when_positive():
+    kinds = lambda t: [type(x) for x in t.transforms]
+    assert transforms.ColorJitter not in kinds(three_augment_transform(16, color_jitter=0.0))
+    t = three_augment_transform(16, color_jitter=0.3)
+    cj = t.transforms[kinds(t).index(transforms.ColorJitter)]
+    assert cj.brightness == cj.contrast == cj.saturation == (0.7, 1.3) and cj.hue is None
+    _seed()
+    img = Image.new('RGB', (20, 20), (200, 40, 90))
+    colours = {tuple(_pixels(t(img)).mean((1, 2)).round().tolist()) for _ in range(20)}
+    assert len(colours) > 3  # jitter adds variety beyond the three ops
+
+
+def test_crop_stage():
+    t = three_augment_transform(32)
+    rrc = t.transforms[0]
+    assert isinstance(rrc, transforms.RandomResizedCrop)
+    assert rrc.scale == (0.08, 1.0) and rrc.interpolation == InterpolationMode.BICUBIC
+    assert isinstance(t.transforms[1], transforms.RandomHorizontalFlip)
+
+    t = three_augment_transform(32, src=True)
+    resize, crop, flip = t.transforms[:3]
+    assert isinstance(resize, transforms.Resize) and resize.size == 32
+    assert isinstance(crop, transforms.RandomCrop)
+    assert crop.padding == 4 and crop.padding_mode == 'reflect'
+    assert isinstance(flip, transforms.RandomHorizontalFlip)
+
+
+def test_src_keeps_the_whole_image():
+    # src never zooms: a left-dark / right-bright image stays so up to a 4 px shift and a flip
+    _seed()
+    a = np.full((32, 32, 3), 30, np.uint8)
+    a[:, 16:] = 100  # both below the solarize threshold, so every op keeps the two halves
+    img = Image.fromarray(a)
+    t = three_augment_transform(32, color_jitter=0.0, src=True)
+    for _ in range(10):
+        col = _pixels(t(img)).mean((0, 1))  # (W,) column brightness
+        bright = (col > 65).sum().item()
+        assert 12 <= bright <= 20  # RandomResizedCrop would often fill the frame with one side
+
+
+def test_random_radius_blur():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    blur = RandomRadiusBlur(0.1, 2.0)
+    torch.manual_seed(0)
+    outs = [np.asarray(blur(img), dtype=np.float32) for _ in range(4)]
+    assert all(o.std() < np.asarray(img, dtype=np.float32).std() for o in outs)  # smoother
+    assert any(not np.array_equal(outs[0], o) for o in outs[1:])  # the radius varies
+    torch.manual_seed(0)
+    assert np.array_equal(np.asarray(blur(img), dtype=np.float32), outs[0])  # seeded by torch
+
+
+def test_picklable_for_workers():
+    t = pickle.loads(pickle.dumps(three_augment_transform(16, src=True)))
+    assert t(Image.new('RGB', (20, 20))).shape == (3, 16, 16)
