@@ -362,21 +362,28 @@ def build_scheduler(args, optimizer):
 
 
 def schedule(scheduler, args, epoch: int, metric: Optional[float] = None) -> None:
-    """Set the lr for `epoch` (called before it). A plateau schedule instead reacts to the metric of the
-    epoch that just ended (called with `metric`), after its warmup."""
+    """Called before `epoch` (no metric): set its lr. Called after it with its top-1: only the plateau
+    schedule uses that, once its warmup is over."""
     if args.sched != 'plateau':
         if metric is None:
             scheduler.step(epoch)
-    elif metric is None and epoch <= args.warmup_epochs:
-        scheduler.step(epoch)
-    elif metric is not None and epoch + 1 > args.warmup_epochs:
+    elif metric is None:
+        if args.warmup_epochs and epoch <= args.warmup_epochs:  # timm's plateau warms up from --warmup-lr
+            scheduler.step(epoch)
+    elif epoch + 1 > args.warmup_epochs:
         scheduler.step(epoch + 1, metric)
+
+
+def scheduler_state(scheduler):
+    """What a checkpoint stores of the schedule. timm's plateau schedule keeps its patience counters
+    in the torch ReduceLROnPlateau inside it and saves only part of them, so that one is stored."""
+    return getattr(scheduler, 'lr_scheduler', scheduler)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
 def checkpoint_state(args, epoch, model, model_ema, optimizer, scheduler, scaler, max_accuracy) -> dict:
     """Everything a resume needs; collective (gathers every rank's RNG state), so call it on all ranks."""
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), lr_scheduler=scheduler_state(scheduler).state_dict(),
                  scaler=scaler.state_dict(), epoch=epoch, args=args, max_accuracy=max_accuracy,
                  rng=utils.all_gather_object(utils.get_rng_state()))
     if model_ema is not None:
@@ -394,7 +401,7 @@ def resume_training(args, ckpt, model, model_ema, optimizer, scheduler, scaler):
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as err:
         raise CheckpointError(f'{path}: optimizer state does not fit this run ({err})') from None
-    scheduler.load_state_dict(ckpt['lr_scheduler'])
+    scheduler_state(scheduler).load_state_dict(ckpt['lr_scheduler'])
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     if model_ema is not None:
@@ -471,6 +478,8 @@ def run(args, device, amp_dtype) -> dict:
     model = build_model(args, nb_classes)
     ckpt = utils.load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
+        if args.finetune:
+            print(f'Resuming from {args.resume}: --finetune {args.finetune} is not loaded')
         load_weights(model, ckpt, args.resume, use_ema=args.eval and args.load_ema, finetune=False)
     elif args.finetune:
         load_weights(model, utils.load_checkpoint(args.finetune), args.finetune, args.load_ema, finetune=True)
@@ -485,15 +494,15 @@ def run(args, device, amp_dtype) -> dict:
 
     if not args.unscale_lr:
         args.lr = args.lr * args.batch_size * args.accum_iter * utils.get_world_size() / 512.0
+    train_model = torch.compile(model) if args.compile else model
+    if args.distributed:  # DDP copies rank 0's weights to every rank, so build the EMA after it
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == 'cuda' else None)
     model_ema = None
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
     eval_ema = model_ema is not None and next(model_ema.module.parameters()).device.type == device.type
-    train_model = torch.compile(model) if args.compile else model
-    if args.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == 'cuda' else None)
     optimizer = build_optimizer(args, model, device)
     scheduler = build_scheduler(args, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -559,10 +568,10 @@ def cli(argv=None) -> int:
     try:
         main(args)
     except (DataError, CheckpointError, ConfigError) as err:
-        print(f'error: {one_line(err)}', file=sys.stderr)
+        sys.stderr.write(f'error: {one_line(err)}\n')  # not print(): other ranks' print is muted
         return 2
     except NonFiniteLossError as err:
-        print(f'error: {one_line(err)}', file=sys.stderr)
+        sys.stderr.write(f'error: {one_line(err)}\n')
         return 1
     return 0
 

@@ -354,3 +354,65 @@ def test_nonfinite_loss_stops_before_saving(data, tmp_path, capsys):
                             '--opt', 'sgd', '--lr', 1e30, '--unscale-lr', '--warmup-epochs', 0], capsys, code=1)
     assert 'non-finite' in err
     assert not (tmp_path / 'checkpoint.pth').exists() and not (tmp_path / 'log.txt').exists()
+
+
+# ---- recipe options -----------------------------------------------------------------------------
+def test_distillation_and_cosub_train_end_to_end(data, tmp_path):
+    import timm
+    teacher = timm.create_model('test_resnet', num_classes=3)
+    torch.save({'model': teacher.state_dict()}, tmp_path / 'teacher.pth')
+    base = TINY + ['--data-path', data, '--epochs', 1, '--no-repeated-aug', '--no-model-ema']
+    for extra in (['--distillation-type', 'soft', '--teacher-model', 'test_resnet', '--teacher-path',
+                   tmp_path / 'teacher.pth', '--distillation-tau', 2.0],
+                  ['--cosub', '--bce-loss', '--smoothing', 0]):
+        stats, _ = run_main(base + extra)
+        assert math.isfinite(stats['train_loss'])
+
+
+def test_teacher_of_another_architecture_is_refused(data, tmp_path, capsys):
+    torch.save({'model': {'fc.weight': torch.zeros(3, 3)}}, tmp_path / 'teacher.pth')
+    err = cli_error(TINY + ['--data-path', data, '--distillation-type', 'hard', '--teacher-model', 'test_resnet',
+                            '--teacher-path', tmp_path / 'teacher.pth'], capsys)
+    assert 'does not fit --teacher-model test_resnet' in err
+
+
+def test_attn_only_trains_attention_embeddings_and_head():
+    args = parse(TINY + ['--attn-only'])
+    model = main.build_model(args, 3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert 'blocks.0.attn.qkv.weight' in trainable and 'head.weight' in trainable and 'pos_embed' in trainable
+    assert 'blocks.0.mlp.fc1.weight' not in trainable and 'blocks.1.norm1.weight' not in trainable
+
+
+def test_layer_decay_scales_lr_by_depth():
+    args = parse(TINY + ['--layer-decay', 0.5])
+    opt = main.build_optimizer(args, main.build_model(args, 3), torch.device('cpu'))
+    scales = sorted({g['lr_scale'] for g in opt.param_groups})
+    assert scales == [0.125, 0.25, 0.5, 1.0]  # stem, block 0, block 1, norm + head
+
+
+def test_plateau_schedule_decays_after_patience_and_resumes():
+    args = parse(['--sched', 'plateau', '--warmup-epochs', 0, '--patience-epochs', 1, '--lr', 1e-3,
+                  '--decay-rate', 0.5])
+
+    def fresh():
+        opt = main.build_optimizer(args, torch.nn.Linear(2, 2), torch.device('cpu'))
+        with pytest.warns(FutureWarning):  # timm deprecates it
+            return opt, main.build_scheduler(args, opt)
+
+    def epochs(opt, sched, accs, start=0):
+        lrs = []
+        for epoch, acc in enumerate(accs, start):
+            main.schedule(sched, args, epoch)
+            lrs.append(opt.param_groups[0]['lr'])
+            main.schedule(sched, args, epoch, metric=acc)
+        return lrs
+
+    opt, sched = fresh()
+    assert epochs(opt, sched, [50.0, 50.0]) == [1e-3, 1e-3]
+    state = (opt.state_dict(), main.scheduler_state(sched).state_dict())
+    assert epochs(opt, sched, [50.0, 50.0]) == [1e-3, 5e-4]  # two epochs without gain, patience 1
+    opt2, sched2 = fresh()  # resumed after epoch 1: the patience counter comes back too
+    opt2.load_state_dict(state[0])
+    main.scheduler_state(sched2).load_state_dict(state[1])
+    assert epochs(opt2, sched2, [50.0, 50.0], start=2) == [1e-3, 5e-4]

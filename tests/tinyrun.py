@@ -59,10 +59,10 @@ def run_main(argv):
     return result, buf.getvalue()
 
 
-def run_cli(argv, timeout=300, env=None, launcher=(sys.executable,)):
-    """`python main.py ARGV` (or under `launcher`) from the repository root."""
+def run_cli(argv, timeout=300, env=None, launcher=(sys.executable,), script='main.py'):
+    """`python main.py ARGV` (or another script, or under another launcher) from the repository root."""
     full_env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
-    return subprocess.run([*launcher, str(REPO / 'main.py'), *[str(a) for a in argv]], cwd=REPO, env=full_env,
+    return subprocess.run([*launcher, str(REPO / script), *[str(a) for a in argv]], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 

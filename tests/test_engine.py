@@ -1,0 +1,151 @@
+"""engine.train_one_epoch and engine.evaluate on toy models whose updates can be computed by hand."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine import evaluate, train_one_epoch
+from losses import DistillationLoss
+from utils import NonFiniteLossError
+
+
+class Loader(list):
+    """A list of (samples, targets) batches with the batch_size attribute of a DataLoader."""
+    batch_size = 2
+
+
+def batches(n, seed=0, dim=3, classes=2):
+    g = torch.Generator().manual_seed(seed)
+    return Loader((torch.randn(2, dim, generator=g), torch.randint(0, classes, (2,), generator=g)) for _ in range(n))
+
+
+def run_epoch(model, loader, accum_iter=1, max_norm=None, model_ema=None, criterion=None, lr=0.1):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    steps = []
+    opt.register_step_post_hook(lambda *_: steps.append(1))
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    criterion = criterion or DistillationLoss(nn.CrossEntropyLoss())
+    stats = train_one_epoch(model, criterion, loader, opt, torch.device('cpu'), 0, scaler,
+                            max_norm=max_norm, model_ema=model_ema, accum_iter=accum_iter)
+    return stats, len(steps)
+
+
+def by_hand(model, loader, windows, max_norm=None, lr=0.1):
+    """SGD over the given windows of batch indices, each step on the window's mean loss."""
+    w = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    for window in windows:
+        loss = sum(F.cross_entropy(F.linear(loader[i][0], *w), loader[i][1]) for i in window) / len(window)
+        grads = torch.autograd.grad(loss, w)
+        if max_norm:
+            scale = min(1.0, max_norm / (torch.sqrt(sum(g.pow(2).sum() for g in grads)) + 1e-6))
+            grads = [g * scale for g in grads]
+        w = [(p - lr * g).detach().requires_grad_() for p, g in zip(w, grads)]
+    return w
+
+
+@pytest.mark.parametrize('accum_iter, windows', [(1, [[0], [1], [2], [3], [4]]),
+                                                 (2, [[0, 1], [2, 3], [4]]),  # last window short, still stepped
+                                                 (3, [[0, 1, 2], [3, 4]])])
+def test_accumulation_windows_and_final_partial_window(accum_iter, windows):
+    torch.manual_seed(0)
+    model, loader = nn.Linear(3, 2), batches(5)
+    expected = by_hand(model, loader, windows)
+    _, steps = run_epoch(model, loader, accum_iter=accum_iter)
+    assert steps == len(windows)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e)
+
+
+def test_clipping_acts_on_the_accumulated_gradient():
+    torch.manual_seed(0)
+    model, loader = nn.Linear(3, 2), batches(4)
+    expected = by_hand(model, loader, [[0, 1], [2, 3]], max_norm=0.05)
+    run_epoch(model, loader, accum_iter=2, max_norm=0.05)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e)
+
+
+def test_ema_follows_every_optimizer_step():
+    class CountingEma:
+        updates = 0
+
+        def update(self, model):
+            assert isinstance(model, nn.Linear)
+            self.updates += 1
+
+    ema = CountingEma()
+    _, steps = run_epoch(nn.Linear(3, 2), batches(5), accum_iter=2, model_ema=ema)
+    assert ema.updates == steps == 3
+
+
+def test_nonfinite_loss_raises_before_any_update():
+    model = nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def criterion(inputs, outputs, targets):
+        calls.append(1)
+        loss = F.cross_entropy(outputs, targets)
+        return loss * float('nan') if len(calls) == 2 else loss
+
+    with pytest.raises(NonFiniteLossError, match='epoch 0, step 1'):
+        run_epoch(model, batches(4), accum_iter=2, criterion=criterion)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # window never stepped
+
+
+def test_returns_epoch_averages_of_loss_and_lr():
+    stats, _ = run_epoch(nn.Linear(3, 2), batches(3), lr=0.25)
+    assert stats['lr'] == 0.25 and stats['loss'] > 0
+
+
+def test_cosub_doubles_the_batch_through_the_model():
+    seen = []
+    model = nn.Linear(3, 2)
+    model.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    criterion = lambda inputs, outputs, targets: outputs.sum() * 0  # noqa: E731
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_one_epoch(model, criterion, batches(2), opt, torch.device('cpu'), 0,
+                    torch.amp.GradScaler('cpu', enabled=False), cosub=True)
+    assert seen == [4, 4]
+
+
+class FixedLogits(nn.Module):
+    """Returns the logits stored for each sample (samples carry their index in column 0)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits[x[:, 0].long()]
+
+
+def test_evaluate_counts_top1_top5_and_loss():
+    logits = torch.tensor([[9., 1, 2, 3, 4, 5, 6],    # target 0: top-1 hit
+                           [1., 9, 2, 3, 4, 5, 6],    # target 6: in the top 5, not top 1
+                           [9., 8, 7, 6, 5, 4, 3],    # target 6: missed
+                           [0., 0, 0, 0, 0, 0, 9]])   # target 6: top-1 hit
+    targets = torch.tensor([0, 6, 6, 6])
+    index = torch.arange(4, dtype=torch.float32)[:, None].expand(4, 3)
+    loader = [(index[:3], targets[:3]), (index[3:], targets[3:])]  # uneven batches
+    stats = evaluate(loader, FixedLogits(logits), torch.device('cpu'))
+    assert stats['acc1'] == 50.0 and stats['acc5'] == 75.0 and stats['n'] == 4
+    assert stats['loss'] == pytest.approx(F.cross_entropy(logits, targets).item())
+
+
+def test_evaluate_with_fewer_than_five_classes_prints_summary(capsys):
+    logits = torch.tensor([[2., 1], [2., 1], [0., 1]])
+    loader = [(torch.arange(3.)[:, None], torch.tensor([0, 1, 1]))]
+    stats = evaluate(loader, FixedLogits(logits), torch.device('cpu'))
+    assert stats['acc1'] == pytest.approx(200 / 3) and stats['acc5'] == 100.0
+    assert '* Acc@1 66.667 Acc@5 100.000 loss' in capsys.readouterr().out
+
+
+def test_autocast_follows_the_requested_dtype():
+    dtypes = []
+    model = nn.Linear(3, 2)
+    model.register_forward_hook(lambda m, inp, out: dtypes.append(out.dtype))
+    loader = [(torch.zeros(2, 3), torch.tensor([0, 1]))]
+    evaluate(loader, model, torch.device('cpu'), amp_dtype=torch.bfloat16)
+    evaluate(loader, model, torch.device('cpu'), amp_dtype=torch.float32)
+    assert dtypes == [torch.bfloat16, torch.float32]

@@ -1,0 +1,160 @@
+"""Checkpoint files, RNG state, launcher detection and progress logging."""
+import argparse
+import os
+import random
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+from utils import CheckpointError, ConfigError
+
+
+# ---- saving -------------------------------------------------------------------------------------
+def test_save_is_atomic_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / 'checkpoint.pth')
+    utils.save_checkpoint({'epoch': 1, 'w': torch.ones(3)}, path)
+    real_save = torch.save
+
+    def crash_mid_write(obj, f):
+        real_save({'partial': torch.zeros(1000)}, f)  # some bytes reach the disk, then the job dies
+        raise OSError('No space left on device')
+
+    monkeypatch.setattr(torch, 'save', crash_mid_write)
+    with pytest.raises(OSError):
+        utils.save_checkpoint({'epoch': 2, 'w': torch.zeros(3)}, path)
+    assert os.listdir(tmp_path) == ['checkpoint.pth']  # no temporary file left behind
+    assert utils.load_checkpoint(path)['epoch'] == 1
+
+
+def test_only_rank_zero_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, 'get_rank', lambda: 1)
+    utils.save_checkpoint({'epoch': 0}, str(tmp_path / 'c.pth'))
+    assert not os.listdir(tmp_path)
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def test_load_accepts_tensors_containers_and_namespace(tmp_path):
+    path = tmp_path / 'ok.pth'
+    torch.save({'model': {'w': torch.arange(3)}, 'args': argparse.Namespace(lr=0.1, betas=[0.9, 0.99]),
+                'epoch': 4, 'max_accuracy': None}, path)
+    ckpt = utils.load_checkpoint(str(path))
+    assert ckpt['args'].lr == 0.1 and ckpt['epoch'] == 4 and torch.equal(ckpt['model']['w'], torch.arange(3))
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_load_refuses_code_and_never_runs_it(tmp_path):
+    torch.save({'model': {}, 'hook': Payload(tmp_path / 'ran')}, tmp_path / 'evil.pth')
+    with pytest.raises(CheckpointError, match=r'refusing .*evil\.pth.*Path\.touch|refusing .*evil\.pth'):
+        utils.load_checkpoint(str(tmp_path / 'evil.pth'))
+    assert not (tmp_path / 'ran').exists()
+    # the payload is real: an unsafe load would have run it
+    torch.save({'hook': Payload(tmp_path / 'ran_unsafe')}, tmp_path / 'evil2.pth')
+    torch.load(tmp_path / 'evil2.pth', weights_only=False)
+    assert (tmp_path / 'ran_unsafe').exists()
+
+
+@pytest.mark.parametrize('content, message', [
+    (None, 'does not exist'),
+    (b'', 'empty or truncated'),
+    (b'just some text\n', 'not a PyTorch checkpoint'),
+    ('half', 'truncated'),
+    ('list', 'holds a list'),
+])
+def test_load_bad_files_name_the_file(tmp_path, content, message):
+    path = tmp_path / 'bad.pth'
+    if content == 'half':
+        torch.save({'w': torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif content == 'list':
+        torch.save([1, 2], path)
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as info:
+        utils.load_checkpoint(str(path))
+    assert str(path) in str(info.value) and '\n' not in str(info.value)
+
+
+# ---- RNG state ----------------------------------------------------------------------------------
+def draws():
+    return random.random(), float(np.random.rand()), np.random.beta(0.8, 0.8), torch.rand(2).tolist()
+
+
+def test_rng_state_survives_a_checkpoint_file(tmp_path):
+    utils.seed_everything(3)
+    draws()
+    torch.save({'rng': utils.get_rng_state()}, tmp_path / 'r.pth')
+    expected = draws()
+    utils.seed_everything(99)
+    utils.set_rng_state(utils.load_checkpoint(str(tmp_path / 'r.pth'))['rng'])
+    assert draws() == expected
+
+
+# ---- launchers ----------------------------------------------------------------------------------
+LAUNCH_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID')
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    return monkeypatch
+
+
+def test_launcher_env_torchrun_and_slurm(clean_env):
+    assert utils.launcher_env() == {}
+    clean_env.setenv('SLURM_PROCID', '5')
+    clean_env.setenv('SLURM_NTASKS', '16')
+    clean_env.setenv('SLURM_LOCALID', '1')
+    assert utils.launcher_env() == dict(rank=5, world_size=16, local_rank=1)
+    for k, v in dict(RANK='3', WORLD_SIZE='8', LOCAL_RANK='3').items():
+        clean_env.setenv(k, v)
+    assert utils.launcher_env() == dict(rank=3, world_size=8, local_rank=3)  # torchrun's own variables win
+
+
+def test_single_process_without_launcher(clean_env):
+    args = SimpleNamespace(world_size=1, distributed=False, dist_url='env://')
+    utils.init_distributed(args, 'cpu')
+    assert (args.distributed, args.rank, args.world_size) == (False, 0, 1)
+    with pytest.raises(ConfigError, match='launcher'):
+        utils.init_distributed(SimpleNamespace(world_size=1, distributed=True, dist_url='env://'), 'cpu')
+    with pytest.raises(ConfigError, match='--world_size 4'):
+        utils.init_distributed(SimpleNamespace(world_size=4, distributed=False, dist_url='env://'), 'cpu')
+
+
+def test_slurm_needs_a_rendezvous_address(clean_env):
+    clean_env.setenv('SLURM_PROCID', '0')
+    clean_env.setenv('SLURM_NTASKS', '2')
+    clean_env.delenv('MASTER_ADDR', raising=False)
+    with pytest.raises(ConfigError, match='MASTER_ADDR'):
+        utils.init_distributed(SimpleNamespace(world_size=1, distributed=False, dist_url='env://'), 'cpu')
+
+
+# ---- progress -----------------------------------------------------------------------------------
+def test_smoothed_value_window_and_global_average():
+    v = utils.SmoothedValue(window=2)
+    for x in (1.0, 2.0, 6.0):
+        v.update(x)
+    assert (v.median, v.avg, v.max, v.value) == (4.0, 4.0, 6.0, 6.0) and v.global_avg == 3.0
+
+
+def test_progress_line_fields(capsys):
+    logger = utils.MetricLogger(torch.device('cpu'))
+    for i in logger.log_every(range(3), print_freq=2, header='Epoch: [0]', batch_size=4):
+        logger.update(loss=torch.tensor(0.5), lr=1e-3)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(']')[1].split('/')[0].strip('[ ') for line in lines[:2]] == ['0', '2']
+    assert all(re.search(p, lines[0]) for p in (r'eta: \d', r'loss: 0\.5', r'lr: ', r'img/s: [\d.]+',
+                                                r'time: ', r'data: ', r'max mem: \d+MB'))
+    assert 'Total time' in lines[-1]
