@@ -258,6 +258,18 @@ def _listing(items, n: int = 4) -> str:
     return ', '.join(str(i) for i in items[:n]) + more
 
 
+def weight_mismatch(own: dict, state: dict) -> str:
+    """'' when `state` fits the state dict `own` exactly; else which keys differ, and how."""
+    differ = [f'{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})'
+              for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    return '; '.join(text for text in (
+        differ and f'shapes differ for {_listing(differ)}',
+        missing and f'missing keys [{_listing(missing)}]',
+        unexpected and f'unexpected keys [{_listing(unexpected)}]') if text)
+
+
 def load_weights(model: nn.Module, ckpt: dict, path: str, use_ema: bool, finetune: bool) -> None:
     """Put a checkpoint's `model` (or `model_ema`) weights into `model`.
 
@@ -271,33 +283,25 @@ def load_weights(model: nn.Module, ckpt: dict, path: str, use_ema: bool, finetun
         state = models_vit5.checkpoint_filter_fn(ckpt, model, use_ema=use_ema)
     except (ValueError, AttributeError, TypeError) as err:
         raise CheckpointError(f'{path} holds no usable weights: {err}') from None
-    own = model.state_dict()
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    own, name = model.state_dict(), model.pretrained_cfg.get('architecture', type(model).__name__)
     if not set(state) & set(own):
-        raise CheckpointError(f'{path} holds no weights of {args_model(model)} (no parameter name in common)')
-    differ = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}
+        raise CheckpointError(f'{path} holds no weights of {name} (no parameter name in common)')
     if finetune:
-        head = model.pretrained_cfg.get('classifier', 'head')
-        for k in [k for k in differ if k.startswith(head + '.')]:
-            print(f'Dropping {k} of shape {differ.pop(k)[0]}: the model needs {own[k].shape[0]} classes')
-            del state[k]
-    if differ:
-        raise CheckpointError(f'{path} does not fit {args_model(model)}: shapes differ for '
-                              + _listing(f'{k} (file {a}, model {b})' for k, (a, b) in differ.items()))
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if not finetune and (missing or unexpected):
-        raise CheckpointError(f'{path} does not fit {args_model(model)}: missing keys [{_listing(missing)}], '
-                              f'unexpected keys [{_listing(unexpected)}]')
+        head = model.pretrained_cfg.get('classifier', 'head') + '.'
+        for k in [k for k in state if k.startswith(head) and k in own and state[k].shape != own[k].shape]:
+            print(f'Dropping {k} of shape {tuple(state.pop(k).shape)}: the model needs {own[k].shape[0]} classes')
+        shared = [k for k in state if k in own]
+        mismatch = weight_mismatch({k: own[k] for k in shared}, {k: state[k] for k in shared})
+    else:
+        mismatch = weight_mismatch(own, state)
+    if mismatch:
+        raise CheckpointError(f'{path} does not fit {name}: {mismatch}')
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing:
         print(f'Weights not in {path} (left at their initial values): {missing}')
     if unexpected:
         print(f'Weights in {path} the model does not use (ignored): {unexpected}')
-    model.load_state_dict(state, strict=False)
-
-
-def args_model(model: nn.Module) -> str:
-    return model.pretrained_cfg.get('architecture', type(model).__name__)
 
 
 def build_teacher(args, nb_classes: int, device) -> Optional[nn.Module]:
@@ -311,11 +315,11 @@ def build_teacher(args, nb_classes: int, device) -> Optional[nn.Module]:
     teacher = timm.create_model(args.teacher_model, num_classes=nb_classes)
     ckpt = utils.load_checkpoint(args.teacher_path)
     state = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt
-    try:
-        teacher.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f'{args.teacher_path} does not fit --teacher-model {args.teacher_model}: '
-                              f'{str(err).splitlines()[1].strip() if chr(10) in str(err) else err}') from None
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    mismatch = weight_mismatch(teacher.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f'{args.teacher_path} does not fit --teacher-model {args.teacher_model}: {mismatch}')
+    teacher.load_state_dict(state)
     return teacher.to(device).eval().requires_grad_(False)
 
 
@@ -468,13 +472,22 @@ def main(args) -> dict:
 
 def run(args, device, amp_dtype) -> dict:
     utils.seed_everything(args.seed + utils.get_rank())
-    out = args.output_dir
-    if out and utils.is_main_process():
-        os.makedirs(out, exist_ok=True)
-    if args.auto_resume and os.path.isfile(os.path.join(out, 'checkpoint.pth')):
-        args.resume = os.path.join(out, 'checkpoint.pth')
+    if args.output_dir and utils.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.auto_resume and os.path.isfile(os.path.join(args.output_dir, 'checkpoint.pth')):
+        args.resume = os.path.join(args.output_dir, 'checkpoint.pth')
         print(f'Auto-resuming from {args.resume}')
     loader_train, loader_val, n_val, nb_classes = build_loaders(args, device)
+    model, ckpt = prepare_model(args, nb_classes, device)
+    if args.eval:
+        stats = run_eval(args, loader_val, model, device, amp_dtype)
+        print(f'Accuracy of the network on the {n_val} test images: {stats["acc1"]:.1f}%')
+        return stats
+    return train(args, model, ckpt, loader_train, loader_val, n_val, nb_classes, device, amp_dtype)
+
+
+def prepare_model(args, nb_classes: int, device):
+    """The model on `device` with the weights asked for; also the --resume checkpoint (or None)."""
     model = build_model(args, nb_classes)
     ckpt = utils.load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
@@ -483,15 +496,23 @@ def run(args, device, amp_dtype) -> dict:
         load_weights(model, ckpt, args.resume, use_ema=args.eval and args.load_ema, finetune=False)
     elif args.finetune:
         load_weights(model, utils.load_checkpoint(args.finetune), args.finetune, args.load_ema, finetune=True)
-    model.to(device)
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f'{args.model}: {n_parameters:,} trainable parameters')
+    print(f'{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters')
+    return model.to(device), ckpt
 
-    if args.eval:
-        stats = run_eval(args, loader_val, model, device, amp_dtype)
-        print(f'Accuracy of the network on the {n_val} test images: {stats["acc1"]:.1f}%')
-        return stats
 
+def evaluate_epoch(args, loader, n_val: int, model, model_ema, device, amp_dtype) -> dict:
+    """test_* entries of the epoch's log: the model, then the EMA when it is on the training device."""
+    stats = run_eval(args, loader, model, device, amp_dtype)
+    print(f'Accuracy of the network on the {n_val} test images: {stats["acc1"]:.1f}%')
+    log = {f'test_{k}': v for k, v in stats.items() if k != 'n'}
+    if model_ema is not None and next(model_ema.module.parameters()).device.type == device.type:
+        ema_stats = run_eval(args, loader, model_ema.module, device, amp_dtype, header='Test (EMA):')
+        log.update({f'test_{k}_ema': v for k, v in ema_stats.items() if k != 'n'})
+    return log
+
+
+def train(args, model, ckpt, loader_train, loader_val, n_val, nb_classes, device, amp_dtype) -> dict:
+    """The training loop; returns the last epoch's log entry."""
     if not args.unscale_lr:
         args.lr = args.lr * args.batch_size * args.accum_iter * utils.get_world_size() / 512.0
     train_model = torch.compile(model) if args.compile else model
@@ -502,7 +523,6 @@ def run(args, device, amp_dtype) -> dict:
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
-    eval_ema = model_ema is not None and next(model_ema.module.parameters()).device.type == device.type
     optimizer = build_optimizer(args, model, device)
     scheduler = build_scheduler(args, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -511,11 +531,13 @@ def run(args, device, amp_dtype) -> dict:
                                 build_teacher(args, nb_classes, device), args.distillation_type,
                                 args.distillation_alpha, args.distillation_tau)
     max_accuracy = None
-    if ckpt is not None:
+    if ckpt is not None:  # last: restores the RNG streams after everything above drew from them
         args.start_epoch, max_accuracy = resume_training(args, ckpt, model, model_ema, optimizer, scheduler, scaler)
     run_logger = start_wandb(args) if args.if_wandb and utils.is_main_process() else None
+    out = args.output_dir
     if out:
         write_json(os.path.join(out, 'args.json'), vars(args))
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     print(f'Training for {args.epochs} epochs from epoch {args.start_epoch}')
     start_time, log_stats = time.time(), {}
@@ -527,18 +549,13 @@ def run(args, device, amp_dtype) -> dict:
             max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, accum_iter=args.accum_iter,
             cosub=args.cosub, set_training_mode=args.train_mode)
         check_finite_weights(model, model_ema.module if model_ema is not None else None)
-        test_stats = run_eval(args, loader_val, model, device, amp_dtype)
-        print(f'Accuracy of the network on the {n_val} test images: {test_stats["acc1"]:.1f}%')
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                     **{f'test_{k}': v for k, v in test_stats.items() if k != 'n'}}
-        if eval_ema:
-            ema_stats = run_eval(args, loader_val, model_ema.module, device, amp_dtype, header='Test (EMA):')
-            log_stats.update({f'test_{k}_ema': v for k, v in ema_stats.items() if k != 'n'})
-        schedule(scheduler, args, epoch, metric=test_stats['acc1'])
-        is_best = max_accuracy is None or test_stats['acc1'] > max_accuracy
-        max_accuracy = test_stats['acc1'] if is_best else max_accuracy
+                     **evaluate_epoch(args, loader_val, n_val, model, model_ema, device, amp_dtype),
+                     'epoch': epoch, 'n_parameters': n_parameters}
+        schedule(scheduler, args, epoch, metric=log_stats['test_acc1'])
+        is_best = max_accuracy is None or log_stats['test_acc1'] > max_accuracy
+        max_accuracy = log_stats['test_acc1'] if is_best else max_accuracy
         print(f'Max accuracy: {max_accuracy:.2f}%')
-        log_stats.update(epoch=epoch, n_parameters=n_parameters)
         if out:
             state = checkpoint_state(args, epoch, model, model_ema, optimizer, scheduler, scaler, max_accuracy)
             utils.save_checkpoint(state, os.path.join(out, 'checkpoint.pth'))

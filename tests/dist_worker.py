@@ -2,8 +2,9 @@
 
 1. Evaluation without --dist-eval: only rank 0 runs the model, every rank gets its numbers.
 2. A loss that is NaN on rank 1 alone stops both ranks at the same step, before any update.
-Each rank prints one RESULT line the test reads.
+Each rank writes its findings to $RESULT_DIR/rank<R>.json.
 """
+import json
 import os
 import sys
 from types import SimpleNamespace
@@ -46,7 +47,7 @@ try:
                     torch.device('cpu'), 0, torch.amp.GradScaler('cpu', enabled=False), accum_iter=4)
 except NonFiniteLossError as err:
     stopped = str(err)
-print(f'RESULT rank={rank} eval_forwards={eval_forwards} acc1={stats["acc1"]:.4f} '
-      f'stopped={stopped is not None} step2={"step 2" in (stopped or "")} '
-      f'unchanged={torch.equal(before, model.weight.detach())}', flush=True)
+with open(os.path.join(os.environ['RESULT_DIR'], f'rank{rank}.json'), 'w') as f:
+    json.dump(dict(eval_forwards=eval_forwards, acc1=stats['acc1'], stopped=stopped is not None,
+                   at_step2='step 2' in (stopped or ''), unchanged=torch.equal(before, model.weight.detach())), f)
 dist.destroy_process_group()

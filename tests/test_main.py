@@ -1,6 +1,7 @@
 """main.py end to end on CPU: the released flags, exact resume, evaluation, fine-tuning, the command
 line and every kind of bad input."""
 import argparse
+import importlib.util
 import math
 import re
 import shlex
@@ -335,6 +336,8 @@ def test_settings_that_cannot_work_together(data, capsys):
     assert '--smoothing 0' in cli_error(TINY + ['--data-path', data, '--bce-loss'], capsys)
     assert 'even' in cli_error(TINY + ['--data-path', data, '--batch', 7], capsys)
     assert 'launcher' in cli_error(TINY + ['--data-path', data, '--distributed'], capsys)
+    if importlib.util.find_spec('flash_attn') is None:
+        assert 'flash-attn' in cli_error(TINY + ['--data-path', data, '--flash'], capsys)
 
 
 def test_unreadable_image_as_a_command(data, tmp_path):
