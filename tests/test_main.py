@@ -129,22 +129,43 @@ def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('data'))
 
 
-@pytest.fixture(scope='module')
-def pretrain(data, tmp_path_factory):
-    """3 epochs of the released pretraining flags; keeps a copy of each epoch's checkpoint.pth."""
-    out = tmp_path_factory.mktemp('pretrain')
+def run_keeping_checkpoints(argv):
+    """run_main, keeping a copy of checkpoint.pth as written after each epoch (checkpoint.pth.epochN)."""
     save = utils.save_checkpoint
 
     def save_and_keep(state, path):
         save(state, path)
-        if path.endswith('checkpoint.pth') and 'best' not in path:
+        if Path(path).name == 'checkpoint.pth':
             shutil.copy(path, f'{path}.epoch{state["epoch"]}')
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(utils, 'save_checkpoint', save_and_keep)
-        argv = TINY + ['--data-path', data, '--output_dir', out] + PRETRAIN_TINY
-        _, stdout = run_main(argv)
-    return types.SimpleNamespace(out=out, argv=argv, stdout=stdout)
+        return run_main(argv)[1]
+
+
+def resume_and_compare(argv, out, epoch, tmp_path):
+    """Restart `argv` (which wrote to `out`) from the checkpoint of `epoch` in a fresh output dir;
+    assert its final model and EMA equal the uninterrupted run's bit for bit."""
+    out2 = tmp_path / f'resumed{epoch}'
+    out2.mkdir()
+    shutil.copy(out / f'checkpoint.pth.epoch{epoch}', out2 / 'checkpoint.pth')
+    run_main([a if a != out else out2 for a in argv] + ['--resume', out2 / 'checkpoint.pth'])
+    full = utils.load_checkpoint(str(out / 'checkpoint.pth'))
+    resumed = utils.load_checkpoint(str(out2 / 'checkpoint.pth'))
+    for key in ('model', 'model_ema'):
+        assert full[key].keys() == resumed[key].keys()
+        for name, tensor in full[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f'{key}.{name}'
+    assert resumed['max_accuracy'] == full['max_accuracy']
+    assert read_log(out2) == read_log(out)[epoch + 1:]  # same losses and accuracies, epoch by epoch
+
+
+@pytest.fixture(scope='module')
+def pretrain(data, tmp_path_factory):
+    """3 epochs of the released pretraining flags."""
+    out = tmp_path_factory.mktemp('pretrain')
+    argv = TINY + ['--data-path', data, '--output_dir', out] + PRETRAIN_TINY
+    return types.SimpleNamespace(out=out, argv=argv, stdout=run_keeping_checkpoints(argv))
 
 
 def test_pretraining_flags_end_to_end(pretrain):
@@ -170,22 +191,19 @@ def test_pretraining_flags_end_to_end(pretrain):
     assert log[1]['train_lr'] == pytest.approx(1e-5 + 0.5 * (4e-3 - 1e-5) * (1 + math.cos(math.pi / 3)))
 
 
-def test_resume_is_exact(pretrain, tmp_path):
-    """Stopped after epoch 0, resumed with the same command: bit-identical model and EMA at the end."""
-    out = tmp_path / 'resumed'
-    out.mkdir()
-    shutil.copy(pretrain.out / 'checkpoint.pth.epoch0', out / 'checkpoint.pth')
-    argv = [a if a != pretrain.out else out for a in pretrain.argv]
-    run_main(argv + ['--resume', out / 'checkpoint.pth'])
-    full = utils.load_checkpoint(str(pretrain.out / 'checkpoint.pth'))
-    resumed = utils.load_checkpoint(str(out / 'checkpoint.pth'))
-    for key in ('model', 'model_ema'):
-        assert full[key].keys() == resumed[key].keys()
-        for name, tensor in full[key].items():
-            assert torch.equal(tensor, resumed[key][name]), f'{key}.{name}'
-    assert resumed['max_accuracy'] == full['max_accuracy']
-    assert [e['epoch'] for e in read_log(out)] == [1, 2]
-    assert read_log(out) == read_log(pretrain.out)[1:]
+@pytest.mark.parametrize('stopped_after', [0, 1])
+def test_resume_is_exact(pretrain, tmp_path, stopped_after):
+    """Stopped after an epoch, resumed with the same command: bit-identical model and EMA at the end."""
+    resume_and_compare(pretrain.argv, pretrain.out, stopped_after, tmp_path)
+
+
+def test_resume_is_exact_with_loader_workers(data, tmp_path):
+    """Augmentation in DataLoader workers: their seeds come from the restored RNG too."""
+    out = tmp_path / 'run'
+    argv = TINY + ['--data-path', data, '--output_dir', out, '--epochs', 2, '--num_workers', 1,
+                   '--ThreeAugment', '--bce-loss', '--smoothing', 0, '--model-ema-decay', 0.9]
+    run_keeping_checkpoints(argv)
+    resume_and_compare(argv, out, 0, tmp_path)
 
 
 def test_auto_resume_picks_up_output_checkpoint(pretrain, tmp_path):
