@@ -387,9 +387,9 @@ def scheduler_state(scheduler):
 # ---- checkpoints --------------------------------------------------------------------------------
 def checkpoint_state(args, epoch, model, model_ema, optimizer, scheduler, scaler, max_accuracy) -> dict:
     """Everything a resume needs; collective (gathers every rank's RNG state), so call it on all ranks."""
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), lr_scheduler=scheduler_state(scheduler).state_dict(),
-                 scaler=scaler.state_dict(), epoch=epoch, args=args, max_accuracy=max_accuracy,
-                 rng=utils.all_gather_object(utils.get_rng_state()))
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                 lr_scheduler=scheduler_state(scheduler).state_dict(), scaler=scaler.state_dict(), epoch=epoch,
+                 args=args, max_accuracy=max_accuracy, rng=utils.all_gather_object(utils.get_rng_state()))
     if model_ema is not None:
         state['model_ema'] = model_ema.module.state_dict()
     return state
@@ -424,7 +424,8 @@ def resume_training(args, ckpt, model, model_ema, optimizer, scheduler, scaler):
 
 def check_finite_weights(*models) -> None:
     for m in models:
-        if m is not None and not all(torch.isfinite(t).all() for t in m.state_dict().values() if t.is_floating_point()):
+        floats = [t for t in m.state_dict().values() if t.is_floating_point()] if m is not None else []
+        if not all(torch.isfinite(t).all() for t in floats):
             raise NonFiniteLossError('the weights became non-finite; stopping before they are saved')
 
 
