@@ -5,7 +5,7 @@
 # For your own ImageFolder: add `-- --data-set FOLDER --nb-classes N` (see main.py --help).
 set -euo pipefail
 SCRIPT_USAGE="Fine-tune a pretrained ViT-5 with the released flags (20 epochs, lr 1e-5, EMA weights of CKPT)."
-NEEDS_CKPT=1
+NEEDS_CKPT=1 WRITES_OUTPUT=1
 source "$(dirname "$0")/launch_common.sh"
 
 case "$SIZE" in  # only the drop-path rate differs between sizes

@@ -1,6 +1,6 @@
 # Shared by pretrain_vit5.sh, finetune_vit5.sh and eval_vit5.sh (sourced, not run).
 #
-# The caller sets SCRIPT_USAGE and NEEDS_CKPT (0/1), sources this file with "$@", then
+# The caller sets SCRIPT_USAGE, NEEDS_CKPT and WRITES_OUTPUT (0/1), sources this file with "$@", then
 # builds its recipe as the array RECIPE and calls `launch`. After parsing:
 #   SIZE (small|base|large), DATA_PATH, OUTPUT_DIR, CKPT, EXTRA (main.py flags after --)
 # Every option has an environment variable of the same name in capitals.
@@ -8,16 +8,20 @@
 fail() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
 
 usage() {
+  echo "usage: bash scripts/$(basename "$0") SIZE --data-path DIR [options] [-- extra main.py flags]"
+  echo
+  echo "$SCRIPT_USAGE"
+  echo
+  echo "  SIZE                 small | base | large"
+  echo "  --data-path DIR      ImageNet folder with train/ and val/            (env DATA_PATH)"
+  if [ "$WRITES_OUTPUT" = 1 ]; then
+    echo "  --output-dir DIR     checkpoints and log.txt go here                 (env OUTPUT_DIR)"
+    echo "                       default output/vit5_SIZE_$(basename "$0" _vit5.sh)"
+  fi
+  if [ "$NEEDS_CKPT" = 1 ]; then
+    echo "  --ckpt FILE          checkpoint file                                 (env CKPT)"
+  fi
   cat <<EOF
-usage: bash scripts/$(basename "$0") SIZE --data-path DIR [options] [-- extra main.py flags]
-
-$SCRIPT_USAGE
-
-  SIZE                 small | base | large
-  --data-path DIR      ImageNet folder with train/ and val/            (env DATA_PATH)
-  --output-dir DIR     where checkpoints and log.txt go                (env OUTPUT_DIR,
-                       default output/vit5_SIZE_$(basename "$0" _vit5.sh))
-$( [ "$NEEDS_CKPT" = 1 ] && echo "  --ckpt FILE          checkpoint to start from                        (env CKPT)" )
   --gpus N             processes (GPUs) per node, default 8            (env GPUS)
   --nnodes N           number of nodes, default 1                      (env NNODES)
   --node-rank R        this node's rank, default 0                     (env NODE_RANK)
@@ -42,7 +46,8 @@ while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --data-path) value "$@"; DATA_PATH=$2; shift ;;
-    --output-dir) value "$@"; OUTPUT_DIR=$2; shift ;;
+    --output-dir) [ "$WRITES_OUTPUT" = 1 ] || fail "--output-dir is not an option of this script"
+                  value "$@"; OUTPUT_DIR=$2; shift ;;
     --ckpt) [ "$NEEDS_CKPT" = 1 ] || fail "--ckpt is not an option of this script"; value "$@"; CKPT=$2; shift ;;
     --gpus) value "$@"; GPUS=$2; shift ;;
     --nnodes) value "$@"; NNODES=$2; shift ;;
