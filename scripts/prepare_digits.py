@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common import Parser, fail
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+    p = Parser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', required=True, help='output folder (gets train/ and val/)')
     p.add_argument('--size', type=int, default=32, help='side of the saved images in px (default 32)')
@@ -57,7 +59,7 @@ def main(argv=None):
     out = Path(args.out)
     existing = [out / s for s in ('train', 'val') if (out / s).exists()]
     if existing and not args.overwrite:
-        sys.exit(f'error: {existing[0]} already exists; pass --overwrite to replace it')
+        fail(f'{existing[0]} already exists; pass --overwrite to replace it')
     for d in existing:
         shutil.rmtree(d)
 
