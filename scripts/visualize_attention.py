@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import Parser, create_model, fail, load_weights, model_spec, parse_model_kwargs, read_checkpoint
 
-CELL_INCHES, DPI = 2.0, 100  # every panel is 200 x 200 px
+CELL_W, CELL_H, DPI = 2.0, 2.3, 100  # every panel (a map and its title) is 200 x 230 px
 
 
 def parse_args(argv=None):
@@ -92,8 +92,8 @@ def draw(shown, panels, columns, out: str, title: str):
     size = shown.shape[-2:]
     image = shown.permute(1, 2, 0).numpy()
     n_rows, n_cols = len(panels), 1 + len(columns)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * CELL_INCHES, n_rows * CELL_INCHES), dpi=DPI,
-                             squeeze=False)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * CELL_W, n_rows * CELL_H), dpi=DPI,
+                             squeeze=False, layout='constrained')
     for row, (label, maps, shares) in zip(axes, panels):
         up = F.interpolate(maps[:, None], size=size, mode='bilinear', align_corners=False)[:, 0]
         row[0].imshow(image)
@@ -107,7 +107,6 @@ def draw(shown, panels, columns, out: str, title: str):
             ax.set_yticks([])
     axes[0][0].set_title('input', fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.3 / (n_rows * CELL_INCHES)))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
     plt.close(fig)

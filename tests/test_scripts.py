@@ -294,8 +294,8 @@ def test_visualize_attention_from_checkpoint(trained, image, tmp_path):
     proc = run_script('visualize_attention.py', image, '--checkpoint', trained / 'checkpoint.pth',
                       '--layers', '0', '-1', '--ema', '--out', out)
     assert proc.returncode == 0, proc.stderr
-    with Image.open(out) as img:  # 2 layers x (image, cls, 4 registers), 200 px a panel
-        assert img.format == 'PNG' and img.size == (6 * 200, 2 * 200)
+    with Image.open(out) as img:  # 2 layers x (image, cls, 4 registers), 200 x 230 px a panel
+        assert img.format == 'PNG' and img.size == (6 * 200, 2 * 230)
 
 
 def test_visualize_attention_random_init_per_head(image, tmp_path):
@@ -306,5 +306,5 @@ def test_visualize_attention_random_init_per_head(image, tmp_path):
     proc = run_inprocess(visualize_attention.main, image, *model, '--heads', 'all', '--out', out)
     assert proc.returncode == 0, proc.stderr
     with Image.open(out) as img:  # 2 heads x (image, cls)
-        assert img.size == (2 * 200, 2 * 200)
+        assert img.size == (2 * 200, 2 * 230)
     assert_one_line_error(run_inprocess(visualize_attention.main, image, *model, '--layers', '5'))
