@@ -30,7 +30,7 @@ class RandomRadiusBlur:
         return f'{type(self).__name__}(radius=({self.radius_min}, {self.radius_max}))'
 
 
-def three_augment_transform(input_size: int, color_jitter: float = 0.3, src: bool = False):
+def three_augment_transform(input_size: int, color_jitter: float = 0.3, src: bool = False, hflip: float = 0.5):
     """PIL image -> normalised float tensor (3, input_size, input_size)."""
     bicubic = InterpolationMode.BICUBIC
     if src:  # "simple random crop": keep the whole image, shift it by up to 4 px
@@ -39,7 +39,7 @@ def three_augment_transform(input_size: int, color_jitter: float = 0.3, src: boo
     else:
         crop = [transforms.RandomResizedCrop(input_size, scale=(0.08, 1.0), interpolation=bicubic)]
     tfl = crop + [
-        transforms.RandomHorizontalFlip(),
+        transforms.RandomHorizontalFlip(hflip),
         transforms.RandomChoice([  # uniform choice, exactly one op per image
             transforms.Grayscale(num_output_channels=3),  # keep 3 channels for the model
             transforms.RandomSolarize(threshold=128, p=1.0),  # PIL's default threshold

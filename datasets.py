@@ -111,11 +111,11 @@ def build_transform(is_train: bool, args):
     size = args.input_size
     small = size <= 32  # CIFAR-sized inputs are cropped with padding, never resized
     if is_train and args.ThreeAugment:
-        return three_augment_transform(size, args.color_jitter, args.src)
+        return three_augment_transform(size, args.color_jitter, args.src, args.hflip)
     if is_train:
         aa = None if args.aa in (None, '', 'none') else args.aa  # timm has no 'none' policy
         t = create_transform(size, is_training=True, color_jitter=args.color_jitter,
-                             auto_augment=aa, interpolation=args.train_interpolation,
+                             hflip=args.hflip, auto_augment=aa, interpolation=args.train_interpolation,
                              re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
         if small:
             t.transforms[0] = transforms.RandomCrop(size, padding=4)  # replaces the random resized crop

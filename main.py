@@ -96,6 +96,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('augmentation')
     g.add_argument('--color-jitter', type=float, default=0.3)
+    g.add_argument('--hflip', type=float, default=0.5,
+                   help='horizontal flip probability (0 for data where a mirror image is another class)')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="timm AutoAugment policy, 'none' for off")
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     g.add_argument('--train-interpolation', default='bicubic')

@@ -13,7 +13,7 @@ from datasets import DataError, build_dataset, build_transform
 
 
 def make_args(**kw):
-    args = dict(data_set='FOLDER', data_path=None, input_size=32, color_jitter=0.3,
+    args = dict(data_set='FOLDER', data_path=None, input_size=32, color_jitter=0.3, hflip=0.5,
                 aa='rand-m9-mstd0.5-inc1', train_interpolation='bicubic', reprob=0.25,
                 remode='pixel', recount=1, eval_crop_ratio=0.875, ThreeAugment=False, src=False,
                 inat_category='name', nb_classes=None)
@@ -222,3 +222,12 @@ def test_inat_missing_annotations_named(tmp_path):
         build_dataset(False, make_args(data_set='INAT', data_path=str(tmp_path)))
     with pytest.raises(DataError, match='species'):
         build_dataset(True, make_args(data_set='INAT', data_path=str(tmp_path), inat_category='species'))
+
+
+@pytest.mark.parametrize('three_augment', [False, True])
+def test_hflip_probability_reaches_the_flip(three_augment):
+    for p in (0.0, 0.5):
+        t = build_transform(True, make_args(input_size=32, aa='none', reprob=0.0, hflip=p,
+                                            ThreeAugment=three_augment))
+        flips = [x for x in t.transforms if isinstance(x, transforms.RandomHorizontalFlip)]
+        assert [f.p for f in flips] == ([p] if p or three_augment else [])
