@@ -13,7 +13,6 @@ traced back to the source array.
 """
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np

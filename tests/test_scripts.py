@@ -1,11 +1,9 @@
 """The tools in scripts/: each runs as a command on tiny inputs and its output file is checked."""
-import argparse
 import json
 import os
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
