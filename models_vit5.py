@@ -43,13 +43,53 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            # one fused kernel; identical maths since the cast is a no-op
-            return F.rms_norm(x, (self.dim,), self.weight, self.eps)
-        return F.rms_norm(x.float(), (self.dim,), None, self.eps).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f'{self.dim}, eps={self.eps}'
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim; `weight` broadcasts against x, e.g. (D,) or (2, 1, 1, 1, hd) for stacked q, k."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        # e.g. bf16 under autocast: normalise in float32, cast back, then scale (see RMSNorm)
+        return F.rms_norm(x.float(), x.shape[-1:], None, eps).type_as(x) * weight
+    if x.device.type == 'cpu' and not torch.compiler.is_compiling():
+        return _RMSNormCPU.apply(x, weight, eps)
+    if weight.dim() == 1:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)  # one fused kernel on CUDA
+    return F.rms_norm(x, x.shape[-1:], None, eps) * weight
+
+
+class _RMSNormCPU(torch.autograd.Function):
+    """float32 RMSNorm with a hand-written backward, for CPU.
+
+    CPU has no fused RMSNorm kernel: F.rms_norm runs as pow, mean, rsqrt, mul, mul, and autograd
+    adds ~9 full-size ops behind it. This does 3 full-size ops forward and 6-7 backward; on a busy
+    CPU each parallel op also waits for scheduler time, so the op count matters as much as the bytes.
+    Same maths as F.rms_norm (float32 throughout, so "normalise, cast back, scale" holds trivially).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        D = x.shape[-1]
+        # rstd = 1 / sqrt(mean(x^2) + eps); vector_norm reads x once without a temporary
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(D).add_(eps).rsqrt_()
+        x_hat = x * rstd
+        ctx.save_for_backward(x_hat, rstd, weight)
+        return x_hat * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        # y = w * x_hat, x_hat = x * rstd  =>  dx = rstd * (g - x_hat * mean(g * x_hat)), g = grad * w
+        x_hat, rstd, weight = ctx.saved_tensors
+        p = grad * x_hat
+        grad_weight = p.sum_to_size(weight.shape)  # sum over the dims the weight is broadcast along
+        # sum(g * x_hat) over the last dim, one matrix-vector product when the weight is a vector
+        dot = p @ weight if weight.dim() == 1 else p.mul_(weight).sum(-1)
+        mean_gx = dot.unsqueeze(-1).div_(x_hat.shape[-1])
+        grad_x = (grad * weight).addcmul_(x_hat, mean_gx, value=-1).mul_(rstd)
+        return grad_x, grad_weight, None
 
 
 def make_norm(norm_layer: str, dim: int) -> nn.Module:
@@ -107,7 +147,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     `sin` comes pre-signed per pair, [-s0 +s0 -s1 +s1 ...], so with the pairs swapped
     ([x0 x1 x2 x3 ...] -> [x1 x0 x3 x2 ...]) the rotation is x*cos + swapped*sin.
+    In eager float32 the same rotation is one complex multiply, (a + ib) * (cos + i sin):
+    one op forward and one backward instead of three and four (torch.compile fuses either).
     """
+    if x.dtype == torch.float32 and cos.dtype == torch.float32 and not torch.compiler.is_compiling():
+        rot = torch.complex(cos[..., ::2], sin[..., 1::2])  # (..., hd/2), odd channels carry +sin
+        x = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # pairs (a, b) -> a + ib
+        return torch.view_as_real(x * rot).flatten(-2)
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return torch.addcmul(x * cos, swapped, sin)
 
@@ -158,11 +204,18 @@ class Attention(nn.Module):
     def qkv_heads(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]]):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, nh, N, hd)
-        q, k = self.q_norm(q), self.k_norm(k)
+        # (2, B, nh, N, hd) and (B, nh, N, hd): q and k stay stacked so norm and RoPE run once for both
+        # (split, not indexing: its backward is one cat, not zero-filled copies of qkv)
+        qk, v = qkv.split([2, 1])
+        v = v.squeeze(0)
+        if isinstance(self.q_norm, RMSNorm):
+            weight = torch.stack([self.q_norm.weight, self.k_norm.weight]).view(2, 1, 1, 1, -1)
+            qk = rms_norm(qk, weight, self.q_norm.eps)
+        elif not isinstance(self.q_norm, nn.Identity):  # LayerNorm ablation
+            qk = torch.stack([self.q_norm(qk[0]), self.k_norm(qk[1])])
         if rope is not None:
-            cos, sin = rope  # (N, hd), identity rows (cos 1, sin 0) for unrotated tokens
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, *rope)  # (N, hd) tables, identity rows (cos 1, sin 0) for unrotated tokens
+        q, k = qk.unbind(0)  # each (B, nh, N, hd)
         return q, k, v
 
     def attention_probs(self, x: torch.Tensor, rope=None) -> torch.Tensor:
@@ -251,13 +304,21 @@ class Block(nn.Module):
             raise ValueError(f"mlp_type must be 'gelu' or 'swiglu', got {mlp_type!r}")
 
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
-        x = x + self.drop_path(scale(self.attn(self.norm1(x), rope), self.gamma_1))
-        x = x + self.drop_path(scale(self.mlp(self.norm2(x)), self.gamma_2))
+        x = self.add_residual(x, self.attn(self.norm1(x), rope), self.gamma_1)
+        x = self.add_residual(x, self.mlp(self.norm2(x)), self.gamma_2)
         return x
 
+    def add_residual(self, x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:
+        """x + drop_path(gamma * y) as ONE full-size op (addcmul).
 
-def scale(x: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:
-    return x if gamma is None else x * gamma
+        With drop path, its per-sample mask is folded into LayerScale first: DropPath applied to
+        ones draws the same (B, 1, 1) mask it would draw for y, and gamma * mask is only (B, 1, D).
+        """
+        if gamma is None:
+            return x + self.drop_path(y)
+        if not isinstance(self.drop_path, nn.Identity):
+            gamma = gamma * self.drop_path(x.new_ones(x.shape[0], 1, 1))  # (B, 1, D)
+        return torch.addcmul(x, y, gamma)
 
 
 # Turning every ViT-5 component off gives the DeiT-III (LayerScale) baseline.
