@@ -71,7 +71,7 @@ def test_launcher_bad_arguments(args):
     assert_one_line_error(run_sh('pretrain_vit5.sh', *args))
 
 
-# ---- launchers print exactly the released commands (../shared/SPEC.md) ------------------------
+# ---- launchers print exactly the released commands (the released README) ------------------------
 PRETRAIN = ('--input-size 224 --data-path IMNET --output_dir OUT --batch 256 --accum_iter 1 --lr 4e-3 '
             '--weight-decay 0.05 --epochs 800 --opt fusedlamb --unscale-lr --mixup .8 --cutmix 1.0 '
             '--color-jitter 0.3 --drop-path 0.05 --reprob 0.0 --smoothing 0.0 --ThreeAugment --repeated-aug '
