@@ -244,9 +244,6 @@ def build_model(args, nb_classes: int) -> nn.Module:
                                   attn_backend='flash_attn' if args.flash else 'sdpa', **args.model_kwargs)
     except (TypeError, ValueError, ImportError) as err:  # bad --model-kwargs, sizes, missing flash-attn
         raise ConfigError(f'cannot build {args.model} with {args.model_kwargs or "default settings"}: {err}') from None
-    patch = model.patch_embed.patch_size[0]
-    if args.input_size % patch:
-        raise ConfigError(f'--input-size {args.input_size} is not divisible by the patch size {patch} of {args.model}')
     if args.attn_only:
         trainable = ('head.', 'pos_embed', 'patch_embed.')
         for name, param in model.named_parameters():

@@ -384,6 +384,9 @@ class VisionTransformer5(nn.Module):
         self.patch_size = patch_size
         self.grad_checkpointing = False
 
+        img_size = to_2tuple(img_size)
+        if img_size[0] % patch_size or img_size[1] % patch_size:
+            raise ValueError(f'img_size {img_size[0]}x{img_size[1]} is not divisible by the patch size {patch_size}')
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.grid = self.patch_embed.grid_size  # (rows, cols) at the build size
         num_patches = self.grid[0] * self.grid[1]

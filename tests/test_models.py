@@ -223,6 +223,8 @@ def test_size_not_divisible_by_patch_names_both_numbers():
     model = small_model()
     with pytest.raises(ValueError, match=r'60x64.*16'):
         model(torch.randn(1, 3, 60, 64))
+    with pytest.raises(ValueError, match=r'40x40.*16'):
+        VisionTransformer5(img_size=40, **TINY)
 
 
 # ---- RoPE facts ------------------------------------------------------------------------------------
