@@ -158,13 +158,16 @@ def test_every_variant_trains_on_tiny_input(name):
 
 
 # ---- faithfulness against the reference ---------------------------------------------------------
-def test_matches_reference_vit5_at_build_size():
-    model = small_model()
-    x = torch.randn(2, 3, 64, 64)
+def assert_matches_reference(model, x, **ref_kwargs):
     with torch.no_grad():
         out = model(x)
-    ref = reference_forward(model.state_dict(), x, num_heads=2, grid=(4, 4))
+    ref = reference_forward(model.state_dict(), x, **ref_kwargs)
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=0)
+
+
+def test_matches_reference_vit5_at_build_size():
+    model = small_model()
+    assert_matches_reference(model, torch.randn(2, 3, 64, 64), num_heads=2, grid=(4, 4))
 
 
 def test_matches_reference_vit5_small_full_size():
@@ -173,41 +176,25 @@ def test_matches_reference_vit5_small_full_size():
         for blk in model.blocks:
             blk.gamma_1.fill_(0.3)
             blk.gamma_2.fill_(0.3)
-    x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        out = model(x)
-    ref = reference_forward(model.state_dict(), x, num_heads=6, grid=(14, 14))
-    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=0)
+    assert_matches_reference(model, torch.randn(1, 3, 224, 224), num_heads=6, grid=(14, 14))
 
 
 def test_matches_reference_deit3():
     model = small_model(**DEIT3_KWARGS)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        out = model(x)
-    ref = reference_forward(model.state_dict(), x, num_heads=2, grid=(4, 4), num_registers=0,
-                            layer_norm=True, rope=False, qk_norm=False)
-    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=0)
+    assert_matches_reference(model, torch.randn(2, 3, 64, 64), num_heads=2, grid=(4, 4), num_registers=0,
+                             layer_norm=True, rope=False, qk_norm=False)
 
 
 @pytest.mark.parametrize('hw', [(96, 96), (32, 48), (80, 64)])
 def test_other_and_rectangular_sizes_match_reference(hw):
     model = small_model()
-    x = torch.randn(1, 3, *hw)
-    with torch.no_grad():
-        out = model(x)
-    ref = reference_forward(model.state_dict(), x, num_heads=2, grid=(4, 4))
-    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=0)
+    assert_matches_reference(model, torch.randn(1, 3, *hw), num_heads=2, grid=(4, 4))
 
 
 def test_rectangular_build_size():
     model = small_model(img_size=(32, 64))
     assert model.grid == (2, 4) and model.pos_embed.shape[1] == 8
-    x = torch.randn(1, 3, 32, 64)
-    with torch.no_grad():
-        out = model(x)
-    ref = reference_forward(model.state_dict(), x, num_heads=2, grid=(2, 4))
-    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=0)
+    assert_matches_reference(model, torch.randn(1, 3, 32, 64), num_heads=2, grid=(2, 4))
 
 
 def test_build_size_untouched_by_other_sizes():
