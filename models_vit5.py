@@ -75,7 +75,9 @@ class _RMSNormCPU(torch.autograd.Function):
         D = x.shape[-1]
         # rstd = 1 / sqrt(mean(x^2) + eps); vector_norm reads x once without a temporary
         rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(D).add_(eps).rsqrt_()
-        x_hat = x * rstd
+        # x may be a strided view (q, k inside the qkv output); a contiguous x_hat keeps every
+        # backward op, above all the weight-gradient reduction, on contiguous memory
+        x_hat = torch.mul(x, rstd, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
         ctx.save_for_backward(x_hat, rstd, weight)
         return x_hat * weight
 
