@@ -50,7 +50,7 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim; `weight` broadcasts against x, e.g. (D,) or (2, 1, 1, 1, hd) for stacked q, k."""
+    """RMSNorm over the last dim; `weight` broadcasts against x, e.g. (D,), or (2, 1, hd) for stacked q, k."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         # e.g. bf16 under autocast: normalise in float32, cast back, then scale (see RMSNorm)
         return F.rms_norm(x.float(), x.shape[-1:], None, eps).type_as(x) * weight
@@ -86,7 +86,10 @@ class _RMSNormCPU(torch.autograd.Function):
         # y = w * x_hat, x_hat = x * rstd  =>  dx = rstd * (g - x_hat * mean(g * x_hat)), g = grad * w
         x_hat, rstd, weight = ctx.saved_tensors
         p = grad * x_hat
-        grad_weight = p.sum_to_size(weight.shape)  # sum over the dims the weight is broadcast along
+        # sum over the dims the weight is broadcast along: the leading ones first, as one fast
+        # column sum over contiguous rows, then any inner broadcast dims of the small rest
+        lead = p.dim() - weight.dim()
+        grad_weight = p.flatten(0, lead - 1).sum(0).sum_to_size(weight.shape) if lead else p.sum_to_size(weight.shape)
         # sum(g * x_hat) over the last dim, one matrix-vector product when the weight is a vector
         dot = p @ weight if weight.dim() == 1 else p.mul_(weight).sum(-1)
         mean_gx = dot.unsqueeze(-1).div_(x_hat.shape[-1])
@@ -204,21 +207,23 @@ class Attention(nn.Module):
         self.k_norm = make_norm(norm_layer, self.head_dim) if qk_norm else nn.Identity()
 
     def qkv_heads(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]]):
+        """q, k, v as (B, nh, N, hd) views; q and k normed and rotated."""
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        # (2, B, nh, N, hd) and (B, nh, N, hd): q and k stay stacked so norm and RoPE run once for both
-        # (split, not indexing: its backward is one cat, not zero-filled copies of qkv)
-        qk, v = qkv.split([2, 1])
-        v = v.squeeze(0)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        # q and k stay stacked, (B, N, 2, nh, hd), so norm and RoPE run once for both. This token-major
+        # layout keeps those ops on plain strides, and split's backward (one cat) rebuilds the qkv
+        # gradient already in the Linear's layout.
+        qk, v = qkv.split([2, 1], dim=2)
         if isinstance(self.q_norm, RMSNorm):
-            weight = torch.stack([self.q_norm.weight, self.k_norm.weight]).view(2, 1, 1, 1, -1)
+            weight = torch.stack([self.q_norm.weight, self.k_norm.weight]).unsqueeze(1)  # (2, 1, hd)
             qk = rms_norm(qk, weight, self.q_norm.eps)
         elif not isinstance(self.q_norm, nn.Identity):  # LayerNorm ablation
-            qk = torch.stack([self.q_norm(qk[0]), self.k_norm(qk[1])])
+            qk = torch.stack([self.q_norm(qk[:, :, 0]), self.k_norm(qk[:, :, 1])], dim=2)
         if rope is not None:
-            qk = apply_rope(qk, *rope)  # (N, hd) tables, identity rows (cos 1, sin 0) for unrotated tokens
-        q, k = qk.unbind(0)  # each (B, nh, N, hd)
-        return q, k, v
+            cos, sin = rope  # (N, hd), identity rows (cos 1, sin 0) for unrotated tokens
+            qk = apply_rope(qk, cos[:, None, None], sin[:, None, None])
+        q, k = qk.unbind(2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
 
     def attention_probs(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         """softmax(q k^T * scale): (B, nh, N, N), for visualisation and tests."""
