@@ -492,3 +492,17 @@ def test_all_switches_off_equals_deit3_ls():
         assert torch.equal(vit5_as_deit(x), deit(x))
     assert set(deit.state_dict()) == {k for k in LAYOUT['deit_small_patch16_LS@224']['state_dict']
                                       if not k.startswith('blocks.') or k.startswith(('blocks.0.', 'blocks.1.'))}
+
+
+def test_cpu_rmsnorm_gradients_match_float64_formula():
+    from models_vit5 import rms_norm
+    for shape, wshape in [((2, 5, 8), (8,)), ((2, 3, 2, 4, 8), (2, 1, 8))]:
+        x = torch.randn(shape, requires_grad=True)
+        w = (torch.rand(wshape) + 0.5).requires_grad_()
+        g = torch.randn(shape)
+        torch.autograd.backward(rms_norm(x, w, 1e-6), g)
+        xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * wd
+        torch.autograd.backward(ref, g.double())
+        torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-5, atol=1e-6)
