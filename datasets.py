@@ -7,16 +7,33 @@ import json
 import os
 import warnings
 
+import numpy as np
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from augment import three_augment_transform
+from augment import fix_posterize, three_augment_transform
 
 
 class DataError(ValueError):
     """The data on disk is missing, empty or unreadable."""
+
+
+# 16-bit (and 32-bit integer) grayscale, e.g. scientific or medical PNGs
+WIDE_GRAY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB (grayscale replicated, alpha dropped, CMYK and palettes converted).
+
+    PIL's convert('RGB') clips 16-bit grayscale at 255, which turns almost every pixel white;
+    such images are scaled to 8 bits instead (65535 -> 255), keeping their content.
+    """
+    if img.mode in WIDE_GRAY_MODES:
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8))  # mode 'L'
+    return img.convert('RGB')
 
 
 def load_image(path: str) -> Image.Image:
@@ -26,7 +43,7 @@ def load_image(path: str) -> Image.Image:
     """
     try:
         with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
+            return to_rgb(Image.open(f))
     # PIL signals bad files with OSError (truncated, unidentified), SyntaxError (broken PNG),
     # ValueError and DecompressionBombError (absurd sizes)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -117,6 +134,7 @@ def build_transform(is_train: bool, args):
         t = create_transform(size, is_training=True, color_jitter=args.color_jitter,
                              hflip=args.hflip, auto_augment=aa, interpolation=args.train_interpolation,
                              re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+        fix_posterize(t)  # RandAugment's 0-bit posterize: black image, as the recipe had it, on any Pillow
         if small:
             t.transforms[0] = transforms.RandomCrop(size, padding=4)  # replaces the random resized crop
         return t

@@ -231,3 +231,20 @@ def test_hflip_probability_reaches_the_flip(three_augment):
                                             ThreeAugment=three_augment))
         flips = [x for x in t.transforms if isinstance(x, transforms.RandomHorizontalFlip)]
         assert [f.p for f in flips] == ([p] if p or three_augment else [])
+
+
+def test_every_file_format_loads_as_rgb_with_its_content(tmp_path):
+    """Grayscale, CMYK, alpha, palette, bilevel and 16-bit files of a real photo all come back as 8-bit RGB
+    that still looks like the photo (16-bit grayscale is scaled, not clipped to white)."""
+    import numpy as np
+    from datasets import load_image
+    from photos import sample_photos, write_odd_formats
+    crop = sample_photos()[0].crop((50, 60, 250, 210))
+    gray = np.asarray(crop.convert('L'), dtype=np.float32)
+    for path in write_odd_formats(tmp_path, crop):
+        img = load_image(str(path))
+        assert img.mode == 'RGB' and img.size == crop.size, path.name
+        got = np.asarray(img.convert('L'), dtype=np.float32)
+        tolerance = 130 if path.name == 'bilevel.png' else 12  # 1-bit dithering keeps only the layout
+        assert np.abs(got - gray).mean() < tolerance, path.name
+        assert np.corrcoef(got.ravel(), gray.ravel())[0, 1] > (0.3 if path.name == 'bilevel.png' else 0.95)

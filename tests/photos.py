@@ -1,0 +1,49 @@
+"""Real photos for the data tests: crops of the two JPEG photos that ship with scikit-learn
+(427x640 each), in ImageNet-like shapes or at extreme ones, and saved in awkward file formats."""
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def sample_photos():
+    from sklearn.datasets import load_sample_images
+    return [Image.fromarray(a) for a in load_sample_images().images]
+
+
+def photo_crops(n, min_side=32, max_side=427, seed=0):
+    """n RGB crops with sides drawn uniformly from [min_side, max_side], from random places of the photos."""
+    photos, rng = sample_photos(), np.random.default_rng(seed)
+    crops = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        w, h = (int(rng.integers(min_side, max_side + 1)) for _ in range(2))
+        x, y = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
+        crops.append(photo.crop((x, y, x + w, y + h)))
+    return crops
+
+
+# sizes at the extremes: single pixels, single rows and columns, a whole photo
+EXTREME_SIZES = [(1, 1), (1, 300), (300, 1), (2, 3), (7, 400), (640, 427)]
+
+# file formats real data sets contain, beside plain RGB JPEGs
+ODD_FORMATS = {
+    'gray.jpg': lambda im: im.convert('L'),
+    'cmyk.jpg': lambda im: im.convert('CMYK'),
+    'rgba.png': lambda im: im.convert('RGBA'),
+    'gray_alpha.png': lambda im: im.convert('LA'),
+    'palette.png': lambda im: im.convert('P'),
+    'bilevel.png': lambda im: im.convert('1'),
+    'gray16.png': lambda im: Image.fromarray(np.asarray(im.convert('L'), dtype=np.uint16) * 257),
+}
+
+
+def write_odd_formats(folder, crop):
+    """`crop` saved once in each of ODD_FORMATS under `folder`; returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, convert in ODD_FORMATS.items():
+        paths.append(folder / name)
+        convert(crop).save(paths[-1])
+    return paths
