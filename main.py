@@ -10,6 +10,7 @@ code 2; a loss that stops being finite ends every rank with exit code 1.
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -35,6 +36,40 @@ AMP_DTYPES = dict(bfloat16=torch.bfloat16, float16=torch.float16, float32=torch.
 SCHEDULES = ('cosine', 'tanh', 'step', 'poly', 'plateau', 'constant')
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
+def number(kind=int, low=None, high=None, low_open=False, high_open=False):
+    """argparse `type` for a number in [low, high]; `low_open` / `high_open` exclude the bound."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, '
+                                             f'got {text!r}') from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            if high is None:
+                bounds = f'{">" if low_open else ">="} {low}'
+            else:
+                bounds = f'in {"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+            raise argparse.ArgumentTypeError(f'must be {bounds}, got {text}')
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+COUNT = number(int, 1)  # sizes, epochs, steps: at least one
+NONNEG_INT, NONNEG = number(int, 0), number(float, 0)
+PROB = number(float, 0, 1)  # probabilities, decays, mixing weights
+RATE = number(float, 0, 1, high_open=True)  # dropout, stochastic depth, label smoothing
+
+
 class KeyValueArgs(ParseKwargs):
     """timm's key=value parsing (`qk_norm=False depth=2` -> dict of literals), with a usage error
     instead of a traceback for an item without '='."""
@@ -47,126 +82,156 @@ class KeyValueArgs(ParseKwargs):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('ViT-5 training and evaluation', add_help=True)
+    # no abbreviations: `--epoch 1` must not silently mean `--epochs 1`; the released commands' `--batch` is
+    # an explicit alias of `--batch-size` instead
+    p = Parser(prog='main.py', description='ViT-5 training and evaluation', allow_abbrev=False,
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bool_flag = argparse.BooleanOptionalAction  # --x / --no-x
 
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='vit5_base', choices=timm.list_models(module='models_vit5'))
-    g.add_argument('--input-size', default=224, type=int, help='image side in pixels')
+    g.add_argument('--model', default='vit5_base', choices=timm.list_models(module='models_vit5'), metavar='NAME',
+                   help='one of: %(choices)s')
+    g.add_argument('--input-size', default=224, type=COUNT, help='image side in pixels')
     g.add_argument('--model-kwargs', nargs='*', default={}, action=KeyValueArgs, metavar='K=V',
                    help='extra create_model arguments, e.g. qk_norm=False num_registers=0')
-    g.add_argument('--drop', type=float, default=0.0, help='dropout before the head')
-    g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate (same in every block)')
+    g.add_argument('--drop', type=RATE, default=0.0, help='dropout before the head')
+    g.add_argument('--drop-path', type=RATE, default=0.1, help='stochastic depth rate (same in every block)')
     g.add_argument('--flash', action=bool_flag, default=False, help='flash-attn backend (needs flash-attn)')
     g.add_argument('--compile', action='store_true', help='torch.compile the training model')
     g.add_argument('--model-ema', action=bool_flag, default=True, help='keep an EMA of the weights')
-    g.add_argument('--model-ema-decay', type=float, default=0.99996, help='EMA decay per optimizer step')
+    g.add_argument('--model-ema-decay', type=PROB, default=0.99996, help='EMA decay per optimizer step')
     g.add_argument('--model-ema-force-cpu', action='store_true',
                    help='keep the EMA on the CPU (not evaluated per epoch when training elsewhere)')
 
     g = p.add_argument_group('optimizer')
-    g.add_argument('--batch-size', type=int, default=64, help='per process (--batch works too)')
-    g.add_argument('--accum_iter', type=int, default=1, help='batches accumulated per optimizer step')
+    g.add_argument('--batch-size', '--batch', type=COUNT, default=64, help='images per process and step')
+    g.add_argument('--accum_iter', type=COUNT, default=1, help='batches accumulated per optimizer step')
     g.add_argument('--opt', default='adamw', help="timm optimizer name; 'fusedlamb' uses apex, else timm LAMB")
-    g.add_argument('--opt-eps', type=float, default=1e-8)
-    g.add_argument('--opt-betas', type=float, nargs='+', default=None)
-    g.add_argument('--clip-grad', type=float, default=None, help='max gradient norm (off by default)')
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--weight-decay', type=float, default=0.05)
-    g.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay (fine-tuning)')
+    g.add_argument('--opt-eps', type=NONNEG, default=1e-8, help='optimizer epsilon')
+    g.add_argument('--opt-betas', type=PROB, nargs='+', default=None, help="optimizer betas (when not given: the optimizer's)")
+    g.add_argument('--clip-grad', type=number(float, 0, low_open=True), default=None,
+                   help='max gradient norm (off when not given)')
+    g.add_argument('--momentum', type=PROB, default=0.9, help='SGD / RMSProp momentum')
+    g.add_argument('--weight-decay', type=NONNEG, default=0.05, help='decoupled weight decay')
+    g.add_argument('--layer-decay', type=PROB, default=None, help='layer-wise lr decay (fine-tuning)')
     g.add_argument('--unscale-lr', action='store_true',
                    help='use --lr as given; otherwise lr * batch * accum_iter * world_size / 512')
 
     g = p.add_argument_group('learning-rate schedule')
-    g.add_argument('--epochs', type=int, default=300, help='epochs trained, cooldown included')
-    g.add_argument('--sched', default='cosine', choices=SCHEDULES)
-    g.add_argument('--lr', type=float, default=5e-4)
-    g.add_argument('--lr-noise', type=float, nargs='+', default=None,
+    g.add_argument('--epochs', type=COUNT, default=300, help='epochs trained, cooldown included')
+    g.add_argument('--sched', default='cosine', choices=SCHEDULES, help='lr schedule')
+    g.add_argument('--lr', type=NONNEG, default=5e-4,
+                   help='peak lr; scaled by batch * accum_iter * processes / 512 unless --unscale-lr')
+    g.add_argument('--lr-noise', type=NONNEG, nargs='+', default=None,
                    help='lr noise on/off points as fractions of the schedule')
-    g.add_argument('--lr-noise-pct', type=float, default=0.67)
-    g.add_argument('--lr-noise-std', type=float, default=1.0)
-    g.add_argument('--warmup-lr', type=float, default=1e-6)
-    g.add_argument('--min-lr', type=float, default=1e-5)
-    g.add_argument('--decay-epochs', type=float, default=30, help='step schedule: epochs between decays')
-    g.add_argument('--warmup-epochs', type=int, default=5)
-    g.add_argument('--cooldown-epochs', type=int, default=10,
+    g.add_argument('--lr-noise-pct', type=NONNEG, default=0.67, help='lr noise limit, as a fraction of the lr')
+    g.add_argument('--lr-noise-std', type=NONNEG, default=1.0, help='lr noise standard deviation')
+    g.add_argument('--warmup-lr', type=NONNEG, default=1e-6, help='lr at the start of the warmup')
+    g.add_argument('--min-lr', type=NONNEG, default=1e-5, help='lr at the end of the decay and in the cooldown')
+    g.add_argument('--decay-epochs', type=number(float, 0, low_open=True), default=30, help='step schedule: epochs between decays')
+    g.add_argument('--warmup-epochs', type=NONNEG_INT, default=5, help='epochs of linear warmup from --warmup-lr')
+    g.add_argument('--cooldown-epochs', type=NONNEG_INT, default=10,
                    help='last epochs held at --min-lr (cosine/tanh/poly)')
-    g.add_argument('--patience-epochs', type=int, default=10, help='plateau schedule: epochs without gain')
-    g.add_argument('--decay-rate', type=float, default=0.1, help='step/plateau factor, poly power')
+    g.add_argument('--patience-epochs', type=NONNEG_INT, default=10, help='plateau schedule: epochs without gain')
+    g.add_argument('--decay-rate', type=NONNEG, default=0.1, help='step/plateau factor, poly power')
 
     g = p.add_argument_group('augmentation')
-    g.add_argument('--color-jitter', type=float, default=0.3)
-    g.add_argument('--hflip', type=float, default=0.5,
+    g.add_argument('--color-jitter', type=NONNEG, default=0.3,
+                   help='brightness, contrast and saturation jitter (0: off)')
+    g.add_argument('--hflip', type=PROB, default=0.5,
                    help='horizontal flip probability (0 for data where a mirror image is another class)')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="timm AutoAugment policy, 'none' for off")
-    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
-    g.add_argument('--train-interpolation', default='bicubic')
+    g.add_argument('--smoothing', type=RATE, default=0.1, help='label smoothing')
+    g.add_argument('--train-interpolation', default='bicubic',
+                   help='resize interpolation of the train crop (bicubic, bilinear, random, ...)')
     g.add_argument('--repeated-aug', action=bool_flag, default=True, help='3 augmented copies per image (RASampler)')
     g.add_argument('--train-mode', action=bool_flag, default=True,
                    help='model.train() while training (--no-train-mode: no dropout / drop path)')
     g.add_argument('--ThreeAugment', action='store_true', help='crop, flip, one of gray/solarize/blur, jitter')
     g.add_argument('--src', action='store_true', help='ThreeAugment with simple random crop')
-    g.add_argument('--reprob', type=float, default=0.25, help='random erase probability')
-    g.add_argument('--remode', default='pixel')
-    g.add_argument('--recount', type=int, default=1)
+    g.add_argument('--reprob', type=PROB, default=0.25, help='random erase probability')
+    g.add_argument('--remode', default='pixel', choices=('pixel', 'rand', 'const'), help='random erase fill')
+    g.add_argument('--recount', type=COUNT, default=1, help='random erase: most boxes per image')
     g.add_argument('--resplit', action='store_true',
                    help='no random erasing on the clean augmentation split (needs augmentation splits)')
-    g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha, 0 for off')
-    g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha, 0 for off')
-    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
-    g.add_argument('--mixup-prob', type=float, default=1.0)
-    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
-    g.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'))
+    g.add_argument('--mixup', type=NONNEG, default=0.8, help='mixup alpha, 0 for off')
+    g.add_argument('--cutmix', type=NONNEG, default=1.0, help='cutmix alpha, 0 for off')
+    g.add_argument('--cutmix-minmax', type=PROB, nargs=2, default=None, metavar=('MIN', 'MAX'),
+                   help='cutmix box side as a fraction of the image, drawn from [MIN, MAX) (replaces --cutmix)')
+    g.add_argument('--mixup-prob', type=PROB, default=1.0, help='probability of mixing a batch')
+    g.add_argument('--mixup-switch-prob', type=PROB, default=0.5, help='probability of cutmix instead of mixup')
+    g.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'),
+                   help='one mixing per batch, per pair of images or per image')
     g.add_argument('--bce-loss', action='store_true', help='BCE on binarised (mixed) targets')
-    g.add_argument('--eval-crop-ratio', type=float, default=0.875)
+    g.add_argument('--eval-crop-ratio', type=number(float, 0, 1, low_open=True), default=0.875,
+                   help='evaluation: resize to input-size / ratio, then centre crop')
 
     g = p.add_argument_group('distillation and co-training')
     g.add_argument('--teacher-model', default='regnety_160', help='timm model name of the teacher')
     g.add_argument('--teacher-path', default='', help='local checkpoint of the teacher')
-    g.add_argument('--distillation-type', default='none', choices=('none', 'soft', 'hard'))
-    g.add_argument('--distillation-alpha', type=float, default=0.5)
-    g.add_argument('--distillation-tau', type=float, default=1.0)
+    g.add_argument('--distillation-type', default='none', choices=('none', 'soft', 'hard'),
+                   help="distil from --teacher-model: its softened outputs, or its top-1 class")
+    g.add_argument('--distillation-alpha', type=PROB, default=0.5, help='weight of the distillation term')
+    g.add_argument('--distillation-tau', type=number(float, 0, low_open=True), default=1.0, help='soft distillation temperature')
     g.add_argument('--cosub', action='store_true', help='co-training of two stochastic-depth sub-models')
 
     g = p.add_argument_group('fine-tuning')
-    g.add_argument('--finetune', default='', help='start from these weights (pos_embed resampled, head '
-                                                  'of another shape dropped)')
+    g.add_argument('--finetune', default='', metavar='CKPT',
+                   help='start from these weights (pos_embed resampled, head of another shape dropped)')
     g.add_argument('--load_ema', action='store_true', help="--finetune / --eval read 'model_ema'")
     g.add_argument('--attn-only', action='store_true',
                    help='train attention, patch / position embedding and head only')
 
     g = p.add_argument_group('data')
-    g.add_argument('--data-path', default=None)
-    g.add_argument('--data-set', default='IMNET', choices=('IMNET', 'CIFAR', 'CIFAR10', 'INAT', 'INAT19', 'FOLDER'))
+    g.add_argument('--data-path', default=None, metavar='DIR', help='the data set folder (train/ and val/ inside)')
+    g.add_argument('--data-set', default='IMNET', choices=('IMNET', 'CIFAR', 'CIFAR10', 'INAT', 'INAT19', 'FOLDER'),
+                   help='layout of --data-path (FOLDER: any image folder with train/ and val/)')
     g.add_argument('--inat-category', default='name',
-                   choices=('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'))
-    g.add_argument('--nb-classes', type=int, default=None, help='classifier size (default: from the data)')
-    g.add_argument('--num_workers', type=int, default=10)
+                   choices=('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'),
+                   help='iNaturalist: the taxonomy level that makes a class')
+    g.add_argument('--nb-classes', type=COUNT, default=None, help='classifier size (when not given: from the data)')
+    g.add_argument('--num_workers', type=NONNEG_INT, default=10, help='DataLoader worker processes per process')
     g.add_argument('--pin-mem', action=bool_flag, default=True, help='pinned host memory (CUDA only)')
 
     g = p.add_argument_group('runtime')
     g.add_argument('--output_dir', default='', help='checkpoints and logs go here (nothing saved if empty)')
-    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda, cuda:1, ...')
     g.add_argument('--amp-dtype', default=None, choices=tuple(AMP_DTYPES),
-                   help='autocast dtype (default bfloat16 on CUDA, float32 elsewhere)')
-    g.add_argument('--seed', type=int, default=42)
-    g.add_argument('--resume', default='', help='checkpoint to continue from')
+                   help='autocast dtype (when not given: bfloat16 on CUDA, float32 elsewhere)')
+    g.add_argument('--seed', type=NONNEG_INT, default=42, help='seed of every random stream (plus the rank)')
+    g.add_argument('--resume', default='', metavar='CKPT',
+                   help='checkpoint to continue from (or, with --eval, to evaluate); its model settings are used '
+                        'unless --model / --model-kwargs / --input-size / --nb-classes are given')
     g.add_argument('--auto-resume', action='store_true', help='resume from OUTPUT_DIR/checkpoint.pth if there')
-    g.add_argument('--start_epoch', type=int, default=0, metavar='N')
+    g.add_argument('--start_epoch', type=NONNEG_INT, default=0, metavar='N', help='first epoch (a resume sets it)')
     g.add_argument('--eval', action='store_true', help='evaluate only')
     g.add_argument('--dist-eval', action='store_true', help='evaluate on every process (each a shard)')
     g.add_argument('--distributed', action='store_true', help='insist on a multi-process launch')
-    g.add_argument('--world_size', type=int, default=1, help='expected number of processes')
-    g.add_argument('--dist_url', default='env://')
+    g.add_argument('--world_size', type=COUNT, default=1, help='expected number of processes')
+    g.add_argument('--dist_url', default='env://', help='process group rendezvous (env:// reads torchrun / SLURM)')
 
     g = p.add_argument_group('logging')
     g.add_argument('--if_wandb', action='store_true', help='log to Weights & Biases')
-    g.add_argument('--disable_wandb', dest='if_wandb', action='store_false')
-    g.add_argument('--wandb_key', default=None)
-    g.add_argument('--wandb_project', default='vit5')
-    g.add_argument('--wandb_entity', default=None)
+    g.add_argument('--disable_wandb', dest='if_wandb', action='store_false', help='no W&B logging')
+    g.add_argument('--wandb_key', default=None, help='W&B API key (when not given: the logged-in account)')
+    g.add_argument('--wandb_project', default='vit5', help='W&B project')
+    g.add_argument('--wandb_entity', default=None, help='W&B team or user')
     g.add_argument('--wandb_resume', default=None, metavar='RUN_ID', help='continue this wandb run')
     return p
+
+
+# settings that rebuild a checkpoint's model: --resume takes them from the checkpoint unless given
+MODEL_SETTINGS = ('model', 'model_kwargs', 'input_size', 'nb_classes')
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, plus `args.given`: the destinations of the flags the user actually gave."""
+    args = get_args_parser().parse_args(argv)
+    explicit = get_args_parser()
+    for action in explicit._actions:
+        action.default = argparse.SUPPRESS  # leaves only what was given in the namespace
+    args.given = sorted(vars(explicit.parse_args(argv)))
+    return args
 
 
 # ---- settings ------------------------------------------------------------------------------------
@@ -186,6 +251,28 @@ def check_args(args) -> None:
         raise ConfigError(f'--accum_iter must be >= 1, got {args.accum_iter}')
     if args.auto_resume and not args.output_dir:
         raise ConfigError('--auto-resume needs --output_dir')
+    if args.eval and not (args.resume or args.finetune or args.auto_resume):
+        raise ConfigError('--eval needs weights to evaluate: --resume CKPT (a training checkpoint or a released '
+                          'file) or --finetune CKPT; without them it would score random weights')
+    if args.cutmix_minmax is not None:
+        low, high = args.cutmix_minmax
+        if int(args.input_size * low) >= int(args.input_size * high):
+            raise ConfigError(f'--cutmix-minmax {low} {high} leaves no box sizes to draw at --input-size '
+                              f'{args.input_size}: MAX must exceed MIN by at least one pixel')
+    check_output_dir(args.output_dir)
+
+
+def check_output_dir(path: str) -> None:
+    """--output_dir must be a folder, or creatable as one, and writable."""
+    if not path:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f'--output_dir {path} is a file; give a folder (it is created when missing)')
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f'--output_dir {path}: cannot write in {existing}')
 
 
 def resolve_device(args):
@@ -257,9 +344,11 @@ def _listing(items, n: int = 4) -> str:
     return ', '.join(str(i) for i in items[:n]) + more
 
 
-def weight_mismatch(own: dict, state: dict) -> str:
-    """'' when `state` fits the state dict `own` exactly; else which keys differ, and how."""
-    differ = [f'{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})'
+def weight_mismatch(own: dict, state: dict, file_shapes: Optional[dict] = None) -> str:
+    """'' when `state` fits the state dict `own` exactly; else which keys differ, and how.
+    `file_shapes` gives the shapes the file itself holds, where `state` was adapted (a resampled pos_embed)."""
+    file_shapes = file_shapes or {}
+    differ = [f'{k} (file {file_shapes.get(k, tuple(v.shape))}, model {tuple(own[k].shape)})'
               for k, v in state.items() if k in own and v.shape != own[k].shape]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -276,9 +365,12 @@ def load_weights(model: nn.Module, ckpt: dict, path: str, use_ema: bool, finetun
     Resume / eval demand an exact fit. Fine-tuning drops a classifier head of another shape and
     prints the keys the file lacks or has in excess; any other shape difference is an error.
     """
-    if use_ema and not isinstance(ckpt.get('model_ema', ckpt.get('state_dict_ema')), dict):
+    has_ema = isinstance(ckpt.get('model_ema', ckpt.get('state_dict_ema')), dict)
+    if use_ema and not has_ema:
         raise CheckpointError(f'{path} holds no EMA weights (model_ema) for --load_ema')
     try:
+        file_shapes = {k: tuple(v.shape) for k, v in models_vit5.checkpoint_state_dict(ckpt, use_ema).items()
+                       if isinstance(v, torch.Tensor)}
         state = models_vit5.checkpoint_filter_fn(ckpt, model, use_ema=use_ema)
     except (ValueError, AttributeError, TypeError) as err:
         raise CheckpointError(f'{path} holds no usable weights: {err}') from None
@@ -286,21 +378,48 @@ def load_weights(model: nn.Module, ckpt: dict, path: str, use_ema: bool, finetun
     own, name = model.state_dict(), model.pretrained_cfg.get('architecture', type(model).__name__)
     if not set(state) & set(own):
         raise CheckpointError(f'{path} holds no weights of {name} (no parameter name in common)')
+    dropped = []
     if finetune:
         head = model.pretrained_cfg.get('classifier', 'head') + '.'
-        for k in [k for k in state if k.startswith(head) and k in own and state[k].shape != own[k].shape]:
-            print(f'Dropping {k} of shape {tuple(state.pop(k).shape)}: the model needs {own[k].shape[0]} classes')
+        dropped = [k for k in state if k.startswith(head) and k in own and state[k].shape != own[k].shape]
+        for k in dropped:
+            state.pop(k)
         shared = [k for k in state if k in own]
-        mismatch = weight_mismatch({k: own[k] for k in shared}, {k: state[k] for k in shared})
+        mismatch = weight_mismatch({k: own[k] for k in shared}, {k: state[k] for k in shared}, file_shapes)
     else:
-        mismatch = weight_mismatch(own, state)
+        mismatch = weight_mismatch(own, state, file_shapes)
     if mismatch:
         raise CheckpointError(f'{path} does not fit {name}: {mismatch}')
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if finetune:
+        kind = 'EMA weights' if use_ema else 'model weights' if has_ema or 'model' in ckpt else 'weights'
+        print(finetune_summary(path, kind, state, own, file_shapes, dropped, missing, unexpected))
+
+
+def finetune_summary(path, kind, state, own, file_shapes, dropped, missing, unexpected) -> str:
+    """One line: what a fine-tune took from which file, what was resampled, dropped or left out."""
+    loaded = len(state) - len(unexpected)
+    parts = [f'Fine-tuning from {path} ({kind}): loaded {loaded} of {len(own)} tensors']
+    for k, v in state.items():
+        if k in own and file_shapes.get(k, tuple(v.shape)) != tuple(v.shape):
+            before, after = file_shapes[k], tuple(v.shape)
+            if k == 'pos_embed':  # (1, grid cells, D): say it as grids
+                before, after = ('x'.join(map(str, _square(s[1]))) for s in (before, after))
+            parts.append(f'{k} resampled {before} -> {after}')
+    if dropped:
+        parts.append(f'dropped {", ".join(dropped)} ({file_shapes[dropped[0]][0]} classes in the file, '
+                     f'{own[dropped[0]].shape[0]} in the model)')
+    missing = [k for k in missing if k not in dropped]
     if missing:
-        print(f'Weights not in {path} (left at their initial values): {missing}')
+        parts.append(f'not in the file, left at their initial values: {_listing(missing)}')
     if unexpected:
-        print(f'Weights in {path} the model does not use (ignored): {unexpected}')
+        parts.append(f'in the file but unused: {_listing(unexpected)}')
+    return '; '.join(parts)
+
+
+def _square(n: int):
+    side = math.isqrt(n)
+    return (side, side) if side * side == n else (n,)
 
 
 def build_teacher(args, nb_classes: int, device) -> Optional[nn.Module]:
@@ -349,19 +468,47 @@ def build_optimizer(args, model: nn.Module, device):
         raise ConfigError(f'--opt {args.opt}: {err}') from None
 
 
+def cooldown_epochs(args) -> int:
+    """--cooldown-epochs, shortened if need be to leave at least one epoch of schedule."""
+    return max(0, min(args.cooldown_epochs, args.epochs - 1))
+
+
 def build_scheduler(args, optimizer):
     """timm scheduler stepped once per epoch at its START: epoch e trains at the value for e.
 
     --epochs counts the cooldown: the decay spans the first epochs - cooldown epochs, the rest
     stay at --min-lr (cooldown shortened, if need be, to leave one epoch of schedule).
     """
-    cooldown = max(0, min(args.cooldown_epochs, args.epochs - 1))
+    cooldown = cooldown_epochs(args)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs - cooldown, decay_epochs=args.decay_epochs,
         cooldown_epochs=cooldown, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
         min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
         noise=args.lr_noise, noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)
     return scheduler
+
+
+def peak_lr(args) -> float:
+    """The highest lr the schedule reaches over --epochs (stepped on a stand-in optimizer)."""
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+    scheduler, peak = build_scheduler(args, stand_in), 0.0
+    for epoch in range(args.epochs):
+        schedule(scheduler, args, epoch)
+        peak = max(peak, stand_in.param_groups[0]['lr'])
+    return peak
+
+
+def warn_schedule(args) -> None:
+    """One line when warmup and cooldown leave the schedule no room: the warmup does not end before the
+    decay does, so the lr never gets near --lr. (timm's decay counts from epoch 0, warmup included, so even
+    a roomy schedule peaks a little below --lr: 0.99 of it in 100 epochs, 0.8 in the released 20-epoch
+    fine-tuning; that is the recipe, not a mistake.)"""
+    if args.sched == 'plateau' or args.warmup_epochs < args.epochs - cooldown_epochs(args):
+        return
+    peak = peak_lr(args)
+    if peak < args.lr:
+        print(f'Warning: --warmup-epochs {args.warmup_epochs} and --cooldown-epochs {args.cooldown_epochs} leave '
+              f'no room in --epochs {args.epochs}: the lr peaks at {peak:.3g} and never reaches {args.lr:.3g}')
 
 
 def schedule(scheduler, args, epoch: int, metric: Optional[float] = None) -> None:
@@ -463,6 +610,8 @@ def main(args) -> dict:
     utils.init_distributed(args, device.type)
     if device.type == 'cuda':
         device = torch.device('cuda', args.local_rank if args.distributed else (device.index or 0))
+    else:
+        set_cpu_threads(args.num_workers)
     try:
         return run(args, device, amp_dtype)
     finally:
@@ -470,26 +619,81 @@ def main(args) -> dict:
             torch.distributed.destroy_process_group()
 
 
+def set_cpu_threads(num_workers: int) -> None:
+    """Leave the cores the DataLoader workers need: intra-op threads and workers fighting over the same
+    cores made a 2-core run several times slower. OMP_NUM_THREADS, when set, is the user's choice."""
+    threads = utils.cpu_threads(num_workers)
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        print(f'CPU: {threads} intra-op thread(s) beside {num_workers} DataLoader worker(s) '
+              f'(set OMP_NUM_THREADS to choose)')
+
+
 def run(args, device, amp_dtype) -> dict:
     utils.seed_everything(args.seed + utils.get_rank())
-    if args.output_dir and utils.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
     if args.auto_resume and os.path.isfile(os.path.join(args.output_dir, 'checkpoint.pth')):
         args.resume = os.path.join(args.output_dir, 'checkpoint.pth')
         print(f'Auto-resuming from {args.resume}')
+    ckpt = utils.load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None:
+        take_model_settings(args, ckpt, args.resume)
+        if not args.eval and nothing_left_to_train(args, ckpt):
+            return {}
     loader_train, loader_val, n_val, nb_classes = build_loaders(args, device)
-    model, ckpt = prepare_model(args, nb_classes, device)
+    model = prepare_model(args, nb_classes, device, ckpt)
     if args.eval:
         stats = run_eval(args, loader_val, model, device, amp_dtype)
         print(f'Accuracy of the network on the {n_val} test images: {stats["acc1"]:.1f}%')
         return stats
-    return train(args, model, ckpt, loader_train, loader_val, n_val, nb_classes, device, amp_dtype)
+    # the folder appears only now, and goes again if the run fails before its first checkpoint
+    with utils.output_folder(args.output_dir, keep_if='checkpoint.pth'):
+        return train(args, model, ckpt, loader_train, loader_val, n_val, nb_classes, device, amp_dtype)
 
 
-def prepare_model(args, nb_classes: int, device):
-    """The model on `device` with the weights asked for; also the --resume checkpoint (or None)."""
+def _flag_text(key: str, value) -> str:
+    if isinstance(value, dict):
+        value = ' '.join(f'{k}={v}' for k, v in value.items())
+    return f'--{key.replace("_", "-")} {value}'
+
+
+def take_model_settings(args, ckpt: dict, path: str) -> None:
+    """The model settings a checkpoint was trained with (its `args`), for those the user did not give."""
+    saved = ckpt.get('args')
+    given = getattr(args, 'given', None)
+    if not isinstance(saved, argparse.Namespace) or given is None:
+        return
+    taken = {}
+    for key in MODEL_SETTINGS:
+        value = getattr(saved, key, None)
+        if key in given or value is None or value == getattr(args, key):
+            continue
+        if key == 'model' and value not in timm.list_models(module='models_vit5'):
+            print(f'{path} was trained with --model {value}, which this code does not define: keeping {args.model}')
+            continue
+        taken[key] = value
+        setattr(args, key, value)
+    if taken:
+        print(f'Model settings from {path}: {" ".join(_flag_text(k, v) for k, v in taken.items())} '
+              f'(give a flag to override)')
+
+
+def nothing_left_to_train(args, ckpt: dict) -> bool:
+    """True when the checkpoint already holds the run's last epoch. --auto-resume (a requeued job) then
+    ends quietly; an explicit --resume is an error, since the user expected training to happen."""
+    last = ckpt.get('epoch')
+    if not isinstance(last, int) or last + 1 < args.epochs:
+        return False
+    message = (f'nothing left to train: {args.resume} already finished epoch {last}, the last of --epochs '
+               f'{args.epochs}')
+    if args.auto_resume:
+        print(message[0].upper() + message[1:])
+        return True
+    raise ConfigError(f'{message}; raise --epochs to train further, or evaluate it with --eval --resume {args.resume}')
+
+
+def prepare_model(args, nb_classes: int, device, ckpt: Optional[dict]):
+    """The model on `device` with the weights asked for (`ckpt`: the --resume checkpoint, or None)."""
     model = build_model(args, nb_classes)
-    ckpt = utils.load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
         if args.finetune:
             print(f'Resuming from {args.resume}: --finetune {args.finetune} is not loaded')
@@ -497,7 +701,7 @@ def prepare_model(args, nb_classes: int, device):
     elif args.finetune:
         load_weights(model, utils.load_checkpoint(args.finetune), args.finetune, args.load_ema, finetune=True)
     print(f'{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters')
-    return model.to(device), ckpt
+    return model.to(device)
 
 
 def evaluate_epoch(args, loader, n_val: int, model, model_ema, device, amp_dtype) -> dict:
@@ -525,6 +729,7 @@ def train(args, model, ckpt, loader_train, loader_val, n_val, nb_classes, device
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
     optimizer = build_optimizer(args, model, device)
     scheduler = build_scheduler(args, optimizer)
+    warn_schedule(args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     mixup_fn = build_mixup(args, nb_classes)
     criterion = build_criterion(mixup_fn is not None, args.smoothing, args.bce_loss, args.cosub,
@@ -580,8 +785,15 @@ def one_line(err: Exception) -> str:
     return ' '.join(text.split())
 
 
+def interrupted_note(args) -> str:
+    last = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
+    if last and os.path.isfile(last):
+        return f'interrupted; {last} holds the last finished epoch (continue with --resume {last})'
+    return 'interrupted; nothing was saved'
+
+
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         main(args)
     except (DataError, CheckpointError, ConfigError) as err:
@@ -590,6 +802,10 @@ def cli(argv=None) -> int:
     except NonFiniteLossError as err:
         sys.stderr.write(f'error: {one_line(err)}\n')
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, so the last one is whole
+        if getattr(args, 'rank', 0) == 0:
+            sys.stderr.write(interrupted_note(args) + '\n')
+        return 130
     return 0
 
 

@@ -600,25 +600,31 @@ CHECKPOINT_KEYS = ('model', 'state_dict', 'model_ema', 'state_dict_ema')
 STRIP_PREFIXES = ('module.', '_orig_mod.')
 
 
-def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer5, use_ema: bool = False) -> dict:
-    """Adapt a checkpoint to `model` (timm's convention).
-
-    Accepts a raw state dict or a checkpoint dict holding one under 'model' / 'state_dict'
-    (or 'model_ema' / 'state_dict_ema' first when use_ema). Strips DDP ('module.') and
-    torch.compile ('_orig_mod.') prefixes, resamples `pos_embed` to the model's patch grid
-    (bicubic, align_corners=False, as the released fine-tuning recipe does) and fills RoPE
-    frequency buffers the file lacks from the model. The classifier head is kept as it is.
-    """
+def checkpoint_state_dict(checkpoint: dict, use_ema: bool = False) -> dict:
+    """The weights in a checkpoint as the file holds them, DDP ('module.') and torch.compile
+    ('_orig_mod.') prefixes stripped. Accepts a raw state dict or a checkpoint dict holding one under
+    'model' / 'state_dict' (or 'model_ema' / 'state_dict_ema' first when use_ema)."""
     order = CHECKPOINT_KEYS[2:] + CHECKPOINT_KEYS[:2] if use_ema else CHECKPOINT_KEYS
     for key in order:
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
             break
     out = {}
-    for k, v in state_dict.items():
+    for k, v in checkpoint.items():
         while k.startswith(STRIP_PREFIXES):
             k = k.split('.', 1)[1]
         out[k] = v
+    return out
+
+
+def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer5, use_ema: bool = False) -> dict:
+    """Adapt a checkpoint to `model` (timm's convention).
+
+    Takes the weights out of the checkpoint (`checkpoint_state_dict`), resamples `pos_embed` to
+    the model's patch grid (bicubic, align_corners=False, as the released fine-tuning recipe does)
+    and fills RoPE frequency buffers the file lacks from the model. The classifier head is kept as it is.
+    """
+    out = checkpoint_state_dict(state_dict, use_ema)
 
     if 'pos_embed' in out and model.pos_embed is not None:
         pos = out['pos_embed']

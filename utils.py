@@ -5,6 +5,7 @@ do the scripts (`load_checkpoint`).
 """
 import argparse
 import builtins
+import contextlib
 import datetime
 import os
 import pickle
@@ -138,6 +139,18 @@ def all_gather_object(obj) -> list:
     return out
 
 
+# ---- CPU threads -------------------------------------------------------------------------------------
+def cpu_threads(num_workers: int):
+    """Intra-op threads for a CPU process whose DataLoader workers (one thread each) share its cores:
+    the cores of this process (its share under torchrun) minus the workers, at least 1.
+    None when OMP_NUM_THREADS is set: then that is the user's choice and stays."""
+    if 'OMP_NUM_THREADS' in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    share = max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    return max(1, share - num_workers)
+
+
 # ---- RNG state (exact resume) ------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -170,7 +183,36 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-# ---- checkpoint files --------------------------------------------------------------------------------
+# ---- run folder and checkpoint files -------------------------------------------------------------------
+RUN_FILES = ('args.json', 'log.txt')  # what a run writes beside its checkpoints
+
+
+@contextlib.contextmanager
+def output_folder(path: str, keep_if: str):
+    """Create the run's output folder (rank 0) for the `with` block. If the block fails (an error, Ctrl-C)
+    before the file `keep_if` exists in it, the folders this call created go again with the run files in
+    them, so a failed run leaves nothing behind. A folder that existed before is never removed."""
+    if not path or not is_main_process():
+        yield
+        return
+    created, folder = [], os.path.abspath(path)
+    while not os.path.exists(folder):
+        created.append(folder)  # innermost first
+        folder = os.path.dirname(folder)
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created and not os.path.exists(os.path.join(path, keep_if)):
+            for name in RUN_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(path, name))
+            for folder in created:
+                with contextlib.suppress(OSError):  # not empty: something else wrote there, keep it
+                    os.rmdir(folder)
+        raise
+
+
 def save_checkpoint(state: dict, path: str) -> None:
     """The one way this code writes a checkpoint: rank 0 only, atomically.
 
@@ -202,6 +244,10 @@ def load_checkpoint(path: str) -> dict:
     released files pickle one). Raises CheckpointError, naming the file, for a missing, empty,
     truncated or foreign file, and for one that would need other Python objects to load.
     """
+    if os.path.isdir(path):
+        inside = os.path.join(path, 'checkpoint.pth')
+        hint = f'; did you mean {inside}?' if os.path.isfile(inside) else ''
+        raise CheckpointError(f'checkpoint {path} is a folder, not a checkpoint file{hint}')
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path} does not exist')
     try:

@@ -3,10 +3,14 @@ line and every kind of bad input."""
 import argparse
 import importlib.util
 import math
+import os
 import re
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -79,9 +83,12 @@ def test_released_commands_parse_unchanged(name):
         assert args.aa == 'rand-m9-mstd0.5-inc1' and args.epochs == 20
 
 
-def test_batch_is_the_only_abbreviation_of_batch_size():
-    flags = [s for a in main.get_args_parser()._actions for s in a.option_strings]
-    assert [f for f in flags if f.startswith('--batch')] == ['--batch-size']
+def test_no_abbreviations_and_batch_is_an_explicit_alias():
+    assert parse(['--batch', 8]).batch_size == parse(['--batch-size', 8]).batch_size == 8
+    for abbreviation in (['--epoch', 1], ['--warmup', 1], ['--batch-s', 8], ['--mod', 'vit5_tiny']):
+        proc = run_cli(abbreviation)  # argparse would take these as --epochs, ... if abbreviations were on
+        assert proc.returncode == 2 and proc.stderr.count('\n') == 1, proc.stderr
+        assert f'unrecognized arguments: {abbreviation[0]}' in proc.stderr
 
 
 def test_every_flag_is_read():
@@ -216,8 +223,11 @@ def test_resume_is_exact_with_loader_workers(data, tmp_path):
 def test_auto_resume_picks_up_output_checkpoint(pretrain, tmp_path):
     shutil.copy(pretrain.out / 'checkpoint.pth', tmp_path / 'checkpoint.pth')
     argv = [a if a != pretrain.out else tmp_path for a in pretrain.argv]
-    _, out = run_main(argv + ['--auto-resume'])
-    assert 'Auto-resuming' in out and 'from epoch 3' in out
+    # a requeued job whose run already finished: says so and ends without error
+    stats, out = run_main(argv + ['--auto-resume'])
+    assert stats == {} and 'Nothing left to train' in out and 'epoch 2, the last of --epochs 3' in out
+    stats, out = run_main(argv + ['--auto-resume', '--epochs', 4])
+    assert 'Auto-resuming' in out and 'from epoch 3' in out and stats['epoch'] == 3
 
 
 def test_eval_of_model_and_ema_weights(pretrain, data):
@@ -242,8 +252,9 @@ def test_finetune_at_another_size_from_ema(pretrain, data, tmp_path):
                    '--no-repeated-aug', '--dist-eval', '--load_ema', '--eval-crop-ratio', 1.0, '--disable_wandb',
                    '--nb-classes', 5]
     _, out = run_main(argv)
-    assert 'Dropping head.weight' in out and 'Dropping head.bias' in out
-    assert "['head.weight', 'head.bias']" in out  # printed as missing, not silently skipped
+    summary = [line for line in out.splitlines() if line.startswith('Fine-tuning from')]
+    assert summary == [f'Fine-tuning from {ckpt} (EMA weights): loaded 36 of 38 tensors; pos_embed resampled '
+                       f'2x2 -> 3x3; dropped head.weight, head.bias (3 classes in the file, 5 in the model)']
     src = utils.load_checkpoint(ckpt)['model_ema']
     tuned = utils.load_checkpoint(str(tmp_path / 'ft' / 'checkpoint.pth'))
     assert tuned['model']['pos_embed'].shape == (1, 9, 48) and src['pos_embed'].shape == (1, 4, 48)
@@ -382,6 +393,160 @@ def test_nonfinite_loss_stops_before_saving(data, tmp_path, capsys):
                             '--opt', 'sgd', '--lr', 1e30, '--unscale-lr', '--warmup-epochs', 0], capsys, code=1)
     assert 'non-finite' in err
     assert not (tmp_path / 'checkpoint.pth').exists() and not (tmp_path / 'log.txt').exists()
+
+
+# ---- a new user's mistakes: one clear line, exit code 2, nothing lost ---------------------------------
+def parse_error(argv, capsys) -> str:
+    """main.cli on a command line argparse refuses: exit code 2 and one line on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main.cli([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and '\n' not in err and 'Traceback' not in err, err
+    return err
+
+
+@pytest.mark.parametrize('flag, value, expected', [
+    ('--batch-size', 0, 'must be >= 1, got 0'),
+    ('--batch', -8, 'must be >= 1, got -8'),
+    ('--epochs', 0, 'must be >= 1'),
+    ('--num_workers', -1, 'must be >= 0'),
+    ('--drop-path', 1.5, 'must be in [0, 1)'),
+    ('--reprob', 2, 'must be in [0, 1]'),
+    ('--eval-crop-ratio', 0, 'must be in (0, 1]'),
+    ('--lr', 'fast', "expected a number, got 'fast'"),
+])
+def test_numbers_out_of_range_are_one_line_errors(flag, value, expected, capsys):
+    err = parse_error(TINY + [flag, value], capsys)
+    assert err.startswith('main.py: error: argument') and flag in err and expected in err
+
+
+def test_cutmix_minmax_that_leaves_no_box_size(data, capsys):
+    err = cli_error(TINY + ['--data-path', data, '--cutmix-minmax', 0.5, 0.5], capsys)
+    assert '--cutmix-minmax 0.5 0.5' in err
+    assert 'expected 2 arguments' in parse_error(TINY + ['--cutmix-minmax', 0.5], capsys)
+
+
+def test_output_dir_naming_a_file(data, tmp_path, capsys):
+    (tmp_path / 'notes.txt').write_text('keep me')
+    err = cli_error(TINY + ['--data-path', data, '--output_dir', tmp_path / 'notes.txt', '--epochs', 1], capsys)
+    assert 'notes.txt is a file' in err and (tmp_path / 'notes.txt').read_text() == 'keep me'
+
+
+def test_resume_naming_a_folder(pretrain, data, capsys):
+    err = cli_error(TINY + ['--data-path', data, '--eval', '--resume', pretrain.out], capsys)
+    assert f'{pretrain.out} is a folder' in err and f'did you mean {pretrain.out / "checkpoint.pth"}' in err
+
+
+def test_eval_without_weights_is_refused(data, capsys):
+    err = cli_error(TINY + ['--data-path', data, '--eval'], capsys)
+    assert '--eval needs weights' in err and '--resume' in err and '--finetune' in err
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(pretrain, data, tmp_path, capsys):
+    run = Path(shutil.copytree(pretrain.out, tmp_path / 'run'))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    argv = [a if a != pretrain.out else run for a in pretrain.argv]
+    err = cli_error(argv + ['--resume', run / 'checkpoint.pth'], capsys)
+    assert 'nothing left to train' in err and 'finished epoch 2, the last of --epochs 3' in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing touched
+
+
+def test_warmup_and_cooldown_without_room_warn_once(capsys):
+    main.warn_schedule(parse(['--warmup-epochs', 5, '--cooldown-epochs', 10, '--epochs', 2, '--lr', 1e-3]))
+    out = capsys.readouterr().out
+    assert out.count('\n') == 1 and out.startswith('Warning: --warmup-epochs 5 and --cooldown-epochs 10 leave no '
+                                                  'room in --epochs 2: the lr peaks at 0.000201')
+    for roomy in (['--epochs', 20], ['--epochs', 300], ['--warmup-epochs', 1, '--cooldown-epochs', 0, '--epochs', 2]):
+        main.warn_schedule(parse(roomy))  # incl. the released fine-tuning schedule (20 epochs, 5 warmup, 10 cool)
+    assert capsys.readouterr().out == ''
+
+
+def test_checkpoint_of_another_size_reports_the_files_own_shapes(data, tiny_ckpt, capsys):
+    wider_at_64 = [a if a != 'embed_dim=48' else 'embed_dim=64' for a in TINY] + ['--input-size', 64]
+    err = cli_error(wider_at_64 + ['--data-path', data, '--resume', tiny_ckpt, '--eval'], capsys)
+    assert 'pos_embed (file (1, 4, 48), model (1, 16, 64))' in err  # not the resampled (1, 16, 48)
+
+
+def test_finetune_loading_every_tensor_says_so_in_one_line(pretrain, data, tmp_path):
+    ckpt = pretrain.out / 'checkpoint.pth'
+    _, out = run_main(TINY + ['--data-path', data, '--finetune', ckpt, '--eval'])
+    assert [line for line in out.splitlines() if ckpt.name in line] == [
+        f'Fine-tuning from {ckpt} (model weights): loaded 38 of 38 tensors']
+
+
+def test_failed_run_leaves_no_output_folder(data, tmp_path, capsys):
+    new = tmp_path / 'runs' / 'a'
+    cli_error(TINY + ['--data-path', tmp_path / 'nowhere', '--output_dir', new], capsys)  # fails in setup
+    assert not (tmp_path / 'runs').exists()
+    diverge = ['--data-path', data, '--batch', 8, '--epochs', 1, '--opt', 'sgd', '--lr', 1e30, '--unscale-lr',
+               '--warmup-epochs', 0]
+    cli_error(TINY + diverge + ['--output_dir', new], capsys, code=1)  # fails in the first epoch
+    assert not (tmp_path / 'runs').exists()
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'notes.txt').write_text('keep me')
+    cli_error(TINY + diverge + ['--output_dir', tmp_path / 'mine'], capsys, code=1)
+    assert sorted(p.name for p in (tmp_path / 'mine').iterdir()) == ['args.json', 'notes.txt']  # not ours to remove
+
+
+def test_ctrl_c_is_one_line_exit_130_and_keeps_the_last_checkpoint(data, tmp_path):
+    out = tmp_path / 'run'
+    argv = TINY + ['--data-path', data, '--output_dir', out, '--epochs', 10000, '--batch', 4]
+    proc = subprocess.Popen([sys.executable, str(REPO / 'main.py'), *map(str, argv)], cwd=REPO, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    try:
+        deadline = time.time() + 120
+        while not (out / 'checkpoint.pth').exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # into a later epoch, or a checkpoint write
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    ckpt = out / 'checkpoint.pth'
+    assert proc.returncode == 130
+    assert err == f'interrupted; {ckpt} holds the last finished epoch (continue with --resume {ckpt})\n'
+    assert utils.load_checkpoint(str(ckpt))['epoch'] >= 0
+    assert not [p.name for p in out.iterdir() if p.name.endswith('.tmp')]
+
+
+def test_help_shows_every_default():
+    text = ' '.join(main.get_args_parser().format_help().split())
+    options = [a for a in main.get_args_parser()._actions if a.option_strings != ['-h', '--help']]
+    assert text.count('(default: ') == len(options)
+    assert 'images per process and step (default: 64)' in text and '--batch-size BATCH_SIZE, --batch' in text
+
+
+def test_eval_takes_the_model_settings_from_the_checkpoint(pretrain, data):
+    ckpt = pretrain.out / 'checkpoint.pth'
+    last = read_log(pretrain.out)[-1]
+    plain = ['--eval', '--resume', ckpt, '--data-path', data, '--data-set', 'FOLDER', '--device', 'cpu',
+             '--num_workers', 0, '--batch', 8]  # no --model, --model-kwargs or --input-size
+    stats, out = run_main(plain)
+    assert (f'Model settings from {ckpt}: --model vit5_tiny --model-kwargs depth=2 embed_dim=48 num_heads=2 '
+            f'--input-size 32 (give a flag to override)') in out
+    assert stats['loss'] == pytest.approx(last['test_loss'])
+    stats, out = run_main(plain + ['--input-size', 48])  # a flag the user gives wins
+    assert '--input-size' not in out.split('Model settings')[1].splitlines()[0]
+    assert stats['loss'] != pytest.approx(last['test_loss'])
+
+
+def test_cpu_threads_leave_room_for_loader_workers(monkeypatch):
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(8)))
+    assert [utils.cpu_threads(w) for w in (0, 2, 10)] == [8, 6, 1]
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')  # torchrun: 4 cores per process
+    assert utils.cpu_threads(1) == 3
+    monkeypatch.setenv('OMP_NUM_THREADS', '3')  # the user's choice stays
+    assert utils.cpu_threads(1) is None
+    monkeypatch.delenv('OMP_NUM_THREADS')
+    before = torch.get_num_threads()
+    try:
+        main.set_cpu_threads(2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- recipe options -----------------------------------------------------------------------------

@@ -35,8 +35,9 @@ def make_image_folder(root, train_per_class=(4, 4, 4), val_per_class=(3, 3, 3), 
 
 
 def parse(argv):
+    """main.py's arguments, with the record of which flags were given."""
     import main
-    return main.get_args_parser().parse_args([str(a) for a in argv])
+    return main.parse_args([str(a) for a in argv])
 
 
 @contextlib.contextmanager
