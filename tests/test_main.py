@@ -491,15 +491,16 @@ def test_failed_run_leaves_no_output_folder(data, tmp_path, capsys):
 
 def test_ctrl_c_is_one_line_exit_130_and_keeps_the_last_checkpoint(data, tmp_path):
     out = tmp_path / 'run'
-    argv = TINY + ['--data-path', data, '--output_dir', out, '--epochs', 10000, '--batch', 4]
+    argv = TINY + ['--data-path', data, '--output_dir', out, '--epochs', 10000, '--batch', 4, '--num_workers', 1]
     proc = subprocess.Popen([sys.executable, str(REPO / 'main.py'), *map(str, argv)], cwd=REPO, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
     try:
         deadline = time.time() + 120
         while not (out / 'checkpoint.pth').exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # into a later epoch, or a checkpoint write
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group, the loader worker too
         err = proc.communicate(timeout=60)[1]
     finally:
         proc.kill()
