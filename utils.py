@@ -173,7 +173,9 @@ class RunningLoss:
     def __init__(self, device: torch.device):
         self.device = device
         dtype = torch.float32 if device.type == 'mps' else torch.float64  # MPS has no float64
-        self.state = torch.tensor([0.0, math.inf], dtype=dtype, device=device)  # [loss sum, first bad step]
+        # [loss sum, first non-finite step], built on the device (no host-to-device copy)
+        self.state = torch.zeros(2, dtype=dtype, device=device)
+        self.state[1].fill_(math.inf)
         self.steps = 0  # on this rank; every rank runs the same number (drop_last, equal shards)
         self.read_sum, self.read_steps = 0.0, 0  # all ranks, as of the previous read
 
