@@ -46,7 +46,7 @@ import timm
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import REPO, fail, parse_model_kwargs  # noqa: F401  (puts the repository on sys.path)
+from common import fail, parse_model_kwargs  # common also puts the repository on sys.path
 import engine  # noqa: E402
 import main as main_py  # noqa: E402  (main.py; also registers the vit5_* / deit_*_LS models with timm)
 from losses import build_criterion  # noqa: E402
@@ -300,7 +300,7 @@ class Runner:
         else:
             ema = self.recipe_parts()['ema']
             if ema is None:
-                fail(f'--mode ema needs the EMA on (--main-args without --no-model-ema)')
+                fail('--mode ema needs the EMA on (--main-args without --no-model-ema)')
             step = lambda: ema.update(self.eager)  # noqa: E731
         with sdpa_context(self.entry.sdpa_backend):
             return time_calls(step, calls, self.device)
@@ -351,9 +351,9 @@ def resolve(args) -> tuple:
     return device, amp_dtype, modes
 
 
-def benchmark(args, entries: Optional[Sequence[Entry]] = None) -> dict:
-    """Measure `entries` (default: one per --models name) in alternating rounds; returns the results dict."""
-    device, amp_dtype, modes = resolve(args)
+def make_runners(args, entries: Optional[Sequence[Entry]] = None) -> list:
+    """A Runner per entry (default: one per --models name)."""
+    device, amp_dtype, _ = resolve(args)
     entries = list(entries) if entries is not None else [Entry(n, sdpa_backend=args.sdpa_backend, ddp=args.ddp)
                                                            for n in args.models]
     labels = [e.label for e in entries]
@@ -361,7 +361,14 @@ def benchmark(args, entries: Optional[Sequence[Entry]] = None) -> dict:
         fail('each model may be named once in --models')
     if any(e.ddp for e in entries):
         ensure_process_group(device)
-    runners = [Runner(e, args, device, amp_dtype) for e in entries]
+    return [Runner(e, args, device, amp_dtype) for e in entries]
+
+
+def benchmark(args, entries: Optional[Sequence[Entry]] = None, runners: Optional[list] = None) -> dict:
+    """Measure `entries` (or ready `runners`, e.g. already compiled) in alternating rounds; returns the results."""
+    device, amp_dtype, modes = resolve(args)
+    runners = runners or make_runners(args, entries)
+    labels = [r.name for r in runners]
     results = {r.name: dict(model=r.entry.model, main_args=' '.join(r.entry.main_args), params_m=r.params / 1e6,
                             gflops_per_img=r.forward_flops() / 1e9, sdpa_kernel=r.sdpa_kernel()) for r in runners}
 

@@ -45,9 +45,7 @@ from common import REPO, Parser, parse_model_kwargs
 import benchmark
 import prepare_digits
 from benchmark import Entry
-import engine  # noqa: E402
 import main as main_py  # noqa: E402
-from utils import sync_allowed  # noqa: E402
 
 # what the issue asks of one H100 / H200, bf16, batch 256, the real step
 GOALS = dict(small_eager_img_s=3500, small_compiled_img_s=10000, ratio=0.95, base_compiled_mfu=0.45, memory=1.1)
@@ -178,7 +176,7 @@ def logits(model, x, amp_dtype=None, backend='sdpa'):
 def steady_step_check(report, runner) -> dict:
     """engine.train_one_epoch, 21 steps (progress lines at 0, 10, 20) from pinned host batches, with
     CUDA's sync debug mode on 'error' everywhere but the log-step reads: any other sync raises."""
-    runner.run('step', 2)  # warm-up: optimizer state, cuBLAS / cuDNN handles, compilation
+    runner.run('step', 3)  # warm-up: optimizer state, cuBLAS / cuDNN handles, compilation, CUDA-graph recording
     x, y = runner.x.cpu(), runner.y.cpu()
     if report.cuda:
         x, y = x.pin_memory(), y.pin_memory()
@@ -262,13 +260,19 @@ def amp_dtype(report):
     return torch.bfloat16 if report.cuda else torch.float32
 
 
-def speed_table(report, compile_mode=None, pairs=None) -> dict:
-    out = {}
-    for timm_name, ours, img in pairs or report.scale.pairs:
+def speed_table(report, compile_mode=None, sync_check=False) -> tuple:
+    """The step (and bare model) tables of each pair, timm's model first; with sync_check, also the
+    sync check on our first model (reusing its compiled runner). Returns (tables, sync result or None)."""
+    out, sync = {}, None
+    for timm_name, ours, img in report.scale.pairs:
         args = report.bench_args([timm_name, ours], img, ['step', 'train'], compile_mode)
-        out[f'{ours}@{img}'] = benchmark.benchmark(args, [Entry(timm_name), Entry(ours)])
+        runners = benchmark.make_runners(args, [Entry(timm_name), Entry(ours)])
+        out[f'{ours}@{img}'] = benchmark.benchmark(args, runners=runners)
+        if sync_check and sync is None:
+            sync = steady_step_check(report, runners[1])
+        del runners
         report.free()
-    return out
+    return out, sync
 
 
 def table_md(results: dict) -> str:
@@ -281,7 +285,7 @@ def table_md(results: dict) -> str:
 
 
 def section_table_eager(report) -> dict:
-    results = speed_table(report)
+    results, _ = speed_table(report)
     return dict(status='info', details=dict(tables=results), md=table_md(results))
 
 
@@ -303,11 +307,7 @@ def section_table_compiled(report) -> dict:
     checks = {'logits': compare(grads[1][0], grads[0][0], tol), 'gradients': compare(grads[1][1][None], grads[0][1][None], tol)}
     del eager, compiled_model, grads
     report.free()
-    results = speed_table(report, mode)
-    runner = benchmark.Runner(Entry(ours), report.bench_args([ours], img, ['step'], mode), report.device,
-                              amp_dtype(report))
-    sync = steady_step_check(report, runner)
-    del runner
+    results, sync = speed_table(report, mode, sync_check=True)
     ok = all(c['ok'] for c in checks.values()) and sync['ok']
     md = [f'compile mode {mode}, backend {report.scale.compile_backend}', '',
           '| compiled vs eager | max abs diff / max abs | worst cosine | ok |', '|---|---|---|---|']
@@ -346,33 +346,36 @@ def section_main_nccl(report) -> dict:
     return dict(status='pass' if ok else 'fail', details=details, md='\n'.join(md))
 
 
-def section_optimizer(report) -> dict:
+def optimizer_times(report, ours: str, img: int) -> dict:
+    """ms per call of each optimizer's step (gradients preset) and of the EMA update, interleaved rounds."""
     from timm.optim import create_optimizer_v2
-    rows, s = {}, report.scale
-    for _, ours, img in s.pairs:
-        model = report.model(ours, img)
-        recipe = main_py.get_args_parser().parse_args(benchmark.RECIPE)
-        params = list(model.parameters())
-        for p in params:
-            p.grad = torch.randn_like(p).mul_(1e-3)
-        lamb = dict(lr=4e-3, weight_decay=0.05)
-        with_std = lambda fe: create_optimizer_v2(model, opt='lamb', foreach=fe, **lamb)  # noqa: E731
-        variants = {f"main.py --opt fusedlamb ({main_py.optimizer_name('fusedlamb', report.device)})":
-                    main_py.build_optimizer(recipe, model, report.device),
-                    'timm Lamb, per tensor': with_std(False), 'timm Lamb, foreach': with_std(True),
-                    'torch AdamW, foreach': torch.optim.AdamW(params, foreach=True),
-                    'torch AdamW, fused': torch.optim.AdamW(params, fused=True)}
-        calls = {k: o.step for k, o in variants.items()}
-        ema = main_py.build_ema(recipe, model)
-        calls['EMA update (ModelEmaV3, foreach)'] = lambda: ema.update(model)
-        times = {k: [] for k in calls}
-        for fn in calls.values():  # warm-up: optimizer state
-            benchmark.time_calls(fn, 2, report.device)
-        for _ in range(s.rounds):  # interleaved rounds
-            for k, fn in calls.items():
-                times[k].append(1000 * benchmark.time_calls(fn, 10, report.device) / 10)
-        rows[f'{ours}@{img}'] = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-        del model, variants, calls, ema
+    model = report.model(ours, img)
+    recipe = main_py.get_args_parser().parse_args(benchmark.RECIPE)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p).mul_(1e-3)
+    lamb = lambda foreach: create_optimizer_v2(model, opt='lamb', lr=4e-3, weight_decay=0.05, foreach=foreach)  # noqa: E731
+    optimizers = {f"main.py --opt fusedlamb ({main_py.optimizer_name('fusedlamb', report.device)})":
+                  main_py.build_optimizer(recipe, model, report.device),
+                  'timm Lamb, per tensor': lamb(False), 'timm Lamb, foreach': lamb(True),
+                  'torch AdamW, foreach': torch.optim.AdamW(params, foreach=True),
+                  'torch AdamW, fused': torch.optim.AdamW(params, fused=True)}
+    calls = {k: o.step for k, o in optimizers.items()}
+    ema = main_py.build_ema(recipe, model)
+    calls['EMA update (ModelEmaV3, foreach)'] = lambda: ema.update(model)
+    for fn in calls.values():  # warm-up: optimizer state
+        benchmark.time_calls(fn, 2, report.device)
+    times = {k: [] for k in calls}
+    for _ in range(report.scale.rounds):
+        for k, fn in calls.items():
+            times[k].append(1000 * benchmark.time_calls(fn, 10, report.device) / 10)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def section_optimizer(report) -> dict:
+    rows = {}
+    for _, ours, img in report.scale.pairs:
+        rows[f'{ours}@{img}'] = optimizer_times(report, ours, img)
         report.free()
     md = ['ms per call, median of interleaved rounds (gradients preset; the issue quotes ~2 ms for apex FusedLAMB '
           'on ViT-5-S, H100)', '', '| | ' + ' | '.join(rows) + ' |', '|---|' + '---|' * len(rows)]
@@ -408,7 +411,12 @@ def section_knobs(report) -> dict:
     }
     results, md = {}, [f'{ours}@{img}, the training step (eager), speed relative to the first row of each group', '']
     for name, entries in groups.items():
-        res = benchmark.benchmark(args, entries)
+        try:
+            res = benchmark.benchmark(args, entries)
+        except RuntimeError as err:  # e.g. a backend that runs forward but not backward here: keep the others
+            results[name] = dict(error=str(err).strip().splitlines()[0][:300])
+            md += [f'**{name}**: `{results[name]["error"]}`', '']
+            continue
         results[name] = res
         md += [f'**{name}**', '', '| setting | img/s | ratio | peak MB | SDPA |', '|---|---|---|---|---|']
         md += [f"| {k} | {r['step_img_s']:.4g} | {r['step_ratio']:.3f} | {r['step_peak_mem_mb']:.0f} | {r['sdpa_kernel']} |"
@@ -419,14 +427,19 @@ def section_knobs(report) -> dict:
 
 
 def section_cudagraphs(report) -> dict:
+    """max-autotune: CUDA graphs over autotuned kernels. Our model first (compiled while the sync check
+    warms it up); timm's beside it only when the time left allows a second autotuning compile."""
     if not report.cuda:
         return dict(status='skipped', details={}, md='CUDA graphs need CUDA')
     timm_name, ours, img = report.scale.pairs[0]
-    results = speed_table(report, 'max-autotune', pairs=[report.scale.pairs[0]])
-    runner = benchmark.Runner(Entry(ours), report.bench_args([ours], img, ['step'], 'max-autotune'), report.device,
-                              amp_dtype(report))
-    sync = steady_step_check(report, runner)
-    md = [table_md(results), sync_result(report, sync, f'{ours}@{img}, max-autotune')['md']]
+    with_timm = report.left() > 480
+    entries = [Entry(timm_name)] if with_timm else []
+    args = report.bench_args([e.model for e in entries] + [ours], img, ['step'], 'max-autotune')
+    runners = benchmark.make_runners(args, entries + [Entry(ours)])
+    sync = steady_step_check(report, runners[-1])
+    results = {f'{ours}@{img}': benchmark.benchmark(args, runners=runners)}
+    note = '' if with_timm else f"(timm's {timm_name} left out: too little time for a second autotuning compile)"
+    md = [table_md(results), note, sync_result(report, sync, f'{ours}@{img}, max-autotune')['md']]
     return dict(status='pass' if sync['ok'] else 'fail', details=dict(tables=results, sync=sync), md='\n'.join(md))
 
 
@@ -454,10 +467,12 @@ def goals(report) -> list:
             if f'{ours}@{img}' not in tables:
                 continue
             res = tables[f'{ours}@{img}']['models']
-            m, t = res[ours], res[timm_name]
+            m, t = res[ours], res.get(timm_name)
             what = f"{ours}@{img} {label}{'' if label != 'compiled' else ' (' + report.args.compile_mode + ')'}"
-            add(f'{what}: speed / timm', m['step_ratio'], GOALS['ratio'])
-            add(f'{what}: peak memory / timm', m['step_peak_mem_mb'] / t['step_peak_mem_mb'], GOALS['memory'], False)
+            if t is not None:
+                add(f'{what}: speed / timm', m['step_ratio'], GOALS['ratio'])
+                add(f'{what}: peak memory / timm', m['step_peak_mem_mb'] / t['step_peak_mem_mb'], GOALS['memory'],
+                    False)
             if ours == 'vit5_small':
                 add(f'{what}: img/s', m['step_img_s'], GOALS['small_eager_img_s' if label == 'eager' else
                                                            'small_compiled_img_s'])
@@ -473,7 +488,7 @@ def goals(report) -> list:
 
 def markdown(data: dict) -> str:
     cfg = data['config']
-    md = [f"# GPU report", '', f"{cfg['gpu'] or cfg['device']}, torch {cfg['torch']}, timm {cfg['timm']}"
+    md = ['# GPU report', '', f"{cfg['gpu'] or cfg['device']}, torch {cfg['torch']}, timm {cfg['timm']}"
           f"{' (tiny settings)' if cfg['tiny'] else ''}; {cfg['elapsed_s']} s; `{cfg['command']}`", '']
     if data['goals']:
         md += ['## Goals', '', '| goal | measured | target | met |', '|---|---|---|---|']
