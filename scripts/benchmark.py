@@ -258,10 +258,11 @@ class Runner:
                                           mixup_fn=p['mixup_fn'], cosub=a.cosub, print_freq=print_freq)
 
     def forward_flops(self) -> int:
-        """FLOPs of one forward pass per image (matmuls, convs, attention; 2 per multiply-add)."""
+        """FLOPs of one forward pass per image (matmuls, convs, attention; 2 per multiply-add). Attention is
+        counted through SDPA's math backend, whose matmuls the counter knows on every device."""
         self.eager.eval()
         counter = FlopCounterMode(display=False)
-        with torch.no_grad(), self.autocast, counter:
+        with torch.no_grad(), self.autocast, sdpa_context('math'), counter:
             self.eager(self.x[:1])
         return counter.get_total_flops()
 
