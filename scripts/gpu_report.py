@@ -238,10 +238,16 @@ def section_correctness(report) -> dict:
 
 
 def section_sync(report) -> dict:
+    """The check on the eager step, alone and under DDP (a 1-process group: DDP's own bookkeeping is
+    PyTorch's, so that line informs and does not decide the section)."""
     timm_name, ours, img = report.scale.pairs[0]
-    runner = benchmark.Runner(Entry(ours), report.bench_args([ours], img, ['step']), report.device, amp_dtype(report))
-    result = steady_step_check(report, runner)
-    return sync_result(report, result, f'{ours}@{img}, eager')
+    runners = benchmark.make_runners(report.bench_args([ours], img, ['step']),
+                                     [Entry(ours), Entry(ours, 'DDP', ddp=True)])
+    plain = sync_result(report, steady_step_check(report, runners[0]), f'{ours}@{img}, eager')
+    ddp = sync_result(report, steady_step_check(report, runners[1]), f'{ours}@{img}, eager, DDP (1 process)')
+    plain['details']['ddp'] = ddp['details']
+    plain['md'] += '\n\n' + ddp['md']
+    return plain
 
 
 def sync_result(report, result: dict, what: str) -> dict:

@@ -21,7 +21,8 @@ def test_every_section_runs_on_cpu(tmp_path):
     checks = sections['correctness']['details']['checks']
     assert set(checks) == {'bf16 autocast vs float32 (SDPA)', 'SDPA vs explicit softmax, float32',
                            'SDPA vs explicit softmax, bf16'} and all(c['ok'] for c in checks.values())
-    assert sections['sync']['details']['ok'] and sections['table_compiled']['details']['sync']['ok']
+    assert sections['sync']['details']['ok'] and sections['sync']['details']['ddp']['ok']
+    assert sections['table_compiled']['details']['sync']['ok']
     table = sections['table_eager']['details']['tables']['vit5_small@32']['models']
     assert set(table) == {'vit_small_patch16_224', 'vit5_small'}
     assert all(m['step_img_s'] > 0 and m['train_img_s'] > 0 and 'step_mfu' in m for m in table.values())
