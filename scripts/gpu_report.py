@@ -7,14 +7,14 @@ Sections, run in this order; one that cannot finish in the time left (--budget-s
   env             GPU, versions, optional packages, SDPA backends enabled
   correctness     released-layout ViT-5-S: bf16 logits vs float32; SDPA vs explicit-softmax attention
   sync            engine.train_one_epoch, 21 steps of the real step, under torch.cuda.set_sync_debug_mode('error')
-                  everywhere but the log-step reads (utils.sync_allowed)
+                  everywhere but the log-step reads (utils.sync_allowed); alone and under 1-process DDP
   table_eager     the training step (scripts/benchmark.py --mode step: main.py's recipe) and the bare model
                   step: vit5_small@224 vs timm vit_small_patch16_224, vit5_base@192 vs timm
                   vit_base_patch16_224 built at 192; img/s, ratio (interleaved rounds), MFU, peak memory
-  table_compiled  the same under torch.compile (--compile-mode); compiled vs eager logits and gradients;
-                  the sync check on the compiled model
   main_nccl       `torchrun --nproc_per_node 1 main.py --distributed` (NCCL, DDP) for one epoch of the digits
   optimizer       the optimizer step and the EMA update alone, main.py's LAMB against the alternatives
+  table_compiled  table_eager's tables under torch.compile (--compile-mode); compiled vs eager logits and gradients;
+                  the sync check on the compiled model
   knobs           A/B: TF32, each SDPA backend, fused AdamW, DDP gradient_as_bucket_view / static_graph
   cudagraphs      --compile-mode max-autotune (CUDA graphs) of the whole training model: speed, sync check
 Without CUDA (or with --tiny) every section runs on one pair of 2-block models at 32 px, compiled through
@@ -84,7 +84,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split('\n')[0])
     p.add_argument('--out', default='gpu_report', help='folder for gpu_report.md and gpu_report.json')
     p.add_argument('--sections', nargs='+', choices=[s[0] for s in SECTIONS], default=[s[0] for s in SECTIONS])
-    p.add_argument('--budget-s', type=float, default=540, help='seconds this run may take (default 540)')
+    p.add_argument('--budget-s', type=float, default=540,
+                   help='seconds the sections may take (default 540: with imports, under a 10-minute slot)')
     p.add_argument('--compile-mode', choices=main_py.COMPILE_MODES, default='default',
                    help='mode of table_compiled (cudagraphs runs max-autotune)')
     p.add_argument('--checkpoint', default=None, help='a released vit5_small file for the correctness section')
@@ -451,8 +452,8 @@ def section_cudagraphs(report) -> dict:
 
 # (name, seconds it may need on a GPU, function); the order is the priority under --budget-s
 SECTIONS = [('env', 5, section_env), ('correctness', 30, section_correctness), ('sync', 40, section_sync),
-            ('table_eager', 120, section_table_eager), ('table_compiled', 240, section_table_compiled),
-            ('main_nccl', 90, section_main_nccl), ('optimizer', 40, section_optimizer),
+            ('table_eager', 120, section_table_eager), ('main_nccl', 90, section_main_nccl),
+            ('optimizer', 40, section_optimizer), ('table_compiled', 300, section_table_compiled),
             ('knobs', 200, section_knobs), ('cudagraphs', 420, section_cudagraphs)]
 
 
