@@ -162,12 +162,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--start_epoch', type=int, default=0, metavar='N')
     g.add_argument('--eval', action='store_true', help='evaluate only')
     g.add_argument('--dist-eval', action='store_true', help='evaluate on every process (each a shard)')
-    g.add_argument('--distributed', action='store_true', help='insist on a multi-process launch')
+    g.add_argument('--distributed', action='store_true',
+                   help='insist on a launcher; with one process, a group of one (DDP on one GPU)')
     g.add_argument('--world_size', type=int, default=1, help='expected number of processes')
     g.add_argument('--dist_url', default='env://')
     g.add_argument('--tf32', action=bool_flag, default=False,
-                   help='TF32 tensor cores for float32 matmuls and convolutions (CUDA; under bf16 autocast '
-                        'little runs in float32)')
+                   help='TF32 tensor cores for float32 matmuls (CUDA; cuDNN uses them for convolutions by '
+                        'default; under bf16 autocast little runs in float32)')
     g.add_argument('--ddp-bucket-view', action=bool_flag, default=False,
                    help="DDP gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no copy)")
     g.add_argument('--ddp-static-graph', action=bool_flag, default=False,
