@@ -7,13 +7,60 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import unwrap_model
 
-from utils import MetricLogger, NonFiniteLossError, SmoothedValue, all_ranks_finite, all_reduce_sum
+from utils import MetricLogger, RunningLoss, SmoothedValue, all_reduce_sum, is_log_step
 
 PRINT_FREQ = 10
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+
+
+class TrainStep:
+    """One batch of the recipe: mixup, forward under autocast, loss, backward; on the last batch
+    of an accumulation window, also clipping, the optimizer step and the EMA update.
+
+    Nothing here copies a device value to the host, so the CPU queues step after step while the
+    device works, and a CUDA-graph compile mode can replay the model's part (static shapes come
+    from drop_last). The one exception is float16's GradScaler, whose skip-step decision needs a
+    host read per optimizer step; bfloat16 and float32 have none.
+    """
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, device: torch.device, amp_dtype: torch.dtype = torch.float32,
+                 max_norm: Optional[float] = None, model_ema=None, mixup_fn=None, cosub: bool = False):
+        self.model, self.criterion, self.optimizer, self.scaler = model, criterion, optimizer, scaler
+        self.device, self.amp_dtype, self.max_norm = device, amp_dtype, max_norm
+        self.model_ema, self.mixup_fn, self.cosub = model_ema, mixup_fn, cosub
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, samples: torch.Tensor, targets: torch.Tensor, window: int = 1,
+                 update: bool = True) -> torch.Tensor:
+        """Returns the batch's loss, detached, on the device. `window`: batches in this accumulation
+        window (the loss is divided by it); `update`: this batch ends the window."""
+        if self.mixup_fn is not None:
+            samples, targets = self.mixup_fn(samples, targets)
+        if self.cosub:
+            samples = torch.cat([samples, samples])  # two stochastic-depth draws of one batch
+        # under DDP, the gradient all-reduce runs on a window's last batch only
+        no_sync = self.model.no_sync() if not update and hasattr(self.model, 'no_sync') else contextlib.nullcontext()
+        with no_sync:
+            with autocast(self.device, self.amp_dtype):
+                loss = self.criterion(samples, self.model(samples), targets)
+            self.scaler.scale(loss / window).backward()
+        if update:
+            self.optimizer_step()
+        return loss.detach()
+
+    def optimizer_step(self):
+        if self.max_norm:
+            self.scaler.unscale_(self.optimizer)  # clip the true accumulated gradient, not the scaled one
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.model_ema is not None:
+            self.model_ema.update(unwrap_model(self.model))
 
 
 def train_one_epoch(
@@ -31,54 +78,36 @@ def train_one_epoch(
         accum_iter: int = 1,
         cosub: bool = False,
         set_training_mode: bool = True,
+        print_freq: int = PRINT_FREQ,
 ) -> dict:
     """Train for one pass over `data_loader`; returns the epoch averages {'loss', 'lr'}.
 
-    Gradients accumulate over windows of `accum_iter` batches. Under DDP the gradient
-    all-reduce runs only on a window's last batch (no_sync on the others); the final window
-    of the epoch may be shorter and is stepped too, its loss averaged over its own length.
-    The loss must be finite on every rank before anything is backpropagated; otherwise all
-    ranks raise NonFiniteLossError at the same step. `model_ema` follows every optimizer step.
+    Gradients accumulate over windows of `accum_iter` batches; the final window of the epoch may be
+    shorter and is stepped too, its loss averaged over its own length. `model_ema` follows every
+    optimizer step. The host reads the device (one sync, one collective) only where a progress line
+    is due, every `print_freq` steps and at the last: there the losses are averaged over ranks, and a
+    non-finite loss on any rank since the previous read raises NonFiniteLossError on all ranks
+    (naming the step where it appeared), before anything of the epoch is saved.
     """
     model.train(set_training_mode)
     logger = MetricLogger(device)
     logger.add_meter('lr', SmoothedValue(window=1, fmt='{value:.6f}'))
+    logger.add_meter('loss', SmoothedValue(window=1, fmt='{value:.4f} ({global_avg:.4f})'))  # last interval (epoch)
+    losses = RunningLoss(device)
+    step = TrainStep(model, criterion, optimizer, scaler, device, amp_dtype, max_norm, model_ema, mixup_fn, cosub)
     n_steps = len(data_loader)
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
     header = f'Epoch: [{epoch}]'
-    for i, (samples, targets) in enumerate(logger.log_every(data_loader, PRINT_FREQ, header,
+    for i, (samples, targets) in enumerate(logger.log_every(data_loader, print_freq, header,
                                                            getattr(data_loader, 'batch_size', 0) or 0)):
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
-        if cosub:
-            samples = torch.cat([samples, samples])  # two stochastic-depth draws of one batch
         window_start = i - i % accum_iter
         window = min(accum_iter, n_steps - window_start)  # the epoch's last window may be short
-        update = i == window_start + window - 1
-        no_sync = model.no_sync() if not update and hasattr(model, 'no_sync') else contextlib.nullcontext()
-        with no_sync:
-            with autocast(device, amp_dtype):
-                outputs = model(samples)
-                loss = criterion(samples, outputs, targets)
-            if not all_ranks_finite(loss):
-                raise NonFiniteLossError(
-                    f'loss is {loss.item()} (or non-finite on another rank) at epoch {epoch}, step {i}; '
-                    f'training stopped on every rank, nothing saved for this epoch')
-            scaler.scale(loss / window).backward()
-        if update:
-            if max_norm:
-                scaler.unscale_(optimizer)  # clip the true accumulated gradient, not the scaled one
-                torch.nn.utils.clip_grad_norm_(params, max_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if model_ema is not None:
-                model_ema.update(unwrap_model(model))
-        logger.update(loss=loss.item(), lr=max(g['lr'] for g in optimizer.param_groups))
-    logger.synchronize_between_processes()
+        loss = step(samples.to(device, non_blocking=True), targets.to(device, non_blocking=True),
+                    window, update=i == window_start + window - 1)
+        losses.add(loss, i)
+        if is_log_step(i, n_steps, print_freq):  # the loop's one host read
+            logger.meters['loss'].update(*losses.read(f'epoch {epoch}'))
+            logger.update(lr=max(g['lr'] for g in optimizer.param_groups))
     print('Averaged stats:', logger)
     return {name: meter.global_avg for name, meter in logger.meters.items()}
 

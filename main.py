@@ -34,6 +34,8 @@ from utils import CheckpointError, ConfigError, NonFiniteLossError
 
 AMP_DTYPES = dict(bfloat16=torch.bfloat16, float16=torch.float16, float32=torch.float32)
 SCHEDULES = ('cosine', 'tanh', 'step', 'poly', 'plateau', 'constant')
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+FUSED_OPTS = ('adam', 'adamw', 'sgd', 'momentum')  # timm names of torch optimizers with a fused kernel
 
 
 class Parser(argparse.ArgumentParser):
@@ -98,6 +100,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--drop-path', type=RATE, default=0.1, help='stochastic depth rate (same in every block)')
     g.add_argument('--flash', action=bool_flag, default=False, help='flash-attn backend (needs flash-attn)')
     g.add_argument('--compile', action='store_true', help='torch.compile the training model')
+    g.add_argument('--compile-mode', default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode (implies --compile, which alone means 'default'); reduce-overhead "
+                        "and max-autotune replay the training model as CUDA graphs")
     g.add_argument('--model-ema', action=bool_flag, default=True, help='keep an EMA of the weights')
     g.add_argument('--model-ema-decay', type=PROB, default=0.99996, help='EMA decay per optimizer step')
     g.add_argument('--model-ema-force-cpu', action='store_true',
@@ -107,6 +112,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--batch-size', '--batch', type=COUNT, default=64, help='images per process and step')
     g.add_argument('--accum_iter', type=COUNT, default=1, help='batches accumulated per optimizer step')
     g.add_argument('--opt', default='adamw', help="timm optimizer name; 'fusedlamb' uses apex, else timm LAMB")
+    g.add_argument('--opt-fused', action='store_true',
+                   help=f"torch's fused optimizer kernel (--opt {'/'.join(FUSED_OPTS)})")
     g.add_argument('--opt-eps', type=NONNEG, default=1e-8, help='optimizer epsilon')
     g.add_argument('--opt-betas', type=PROB, nargs='+', default=None, help="optimizer betas (when not given: the optimizer's)")
     g.add_argument('--clip-grad', type=number(float, 0, low_open=True), default=None,
@@ -206,9 +213,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--start_epoch', type=NONNEG_INT, default=0, metavar='N', help='first epoch (a resume sets it)')
     g.add_argument('--eval', action='store_true', help='evaluate only')
     g.add_argument('--dist-eval', action='store_true', help='evaluate on every process (each a shard)')
-    g.add_argument('--distributed', action='store_true', help='insist on a multi-process launch')
+    g.add_argument('--distributed', action='store_true',
+                   help='insist on a launcher; with one process, a group of one (DDP on one GPU)')
     g.add_argument('--world_size', type=COUNT, default=1, help='expected number of processes')
     g.add_argument('--dist_url', default='env://', help='process group rendezvous (env:// reads torchrun / SLURM)')
+    g.add_argument('--tf32', action=bool_flag, default=False,
+                   help='TF32 tensor cores for float32 matmuls (CUDA; cuDNN uses them for convolutions by '
+                        'default; under bf16 autocast little runs in float32)')
+    g.add_argument('--ddp-bucket-view', action=bool_flag, default=False,
+                   help="DDP gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no copy)")
+    g.add_argument('--ddp-static-graph', action=bool_flag, default=False,
+                   help='DDP static_graph: the same parameters get gradients every step')
 
     g = p.add_argument_group('logging')
     g.add_argument('--if_wandb', action='store_true', help='log to Weights & Biases')
@@ -297,7 +312,8 @@ def build_loaders(args, device):
     if args.distributed and args.dist_eval:
         val_set = torch.utils.data.Subset(dataset_val, range(rank, len(dataset_val), world))  # no padding
     loader_val = torch.utils.data.DataLoader(val_set, batch_size=int(1.5 * args.batch_size), shuffle=False,
-                                             num_workers=args.num_workers, pin_memory=pin)
+                                             num_workers=args.num_workers, pin_memory=pin,
+                                             worker_init_fn=utils.loader_worker_init)
     if args.eval:
         return None, loader_val, len(dataset_val), nb_classes
 
@@ -308,7 +324,8 @@ def build_loaders(args, device):
         sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world, rank=rank,
                                                       shuffle=True, seed=args.seed)
     loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size,
-                                               num_workers=args.num_workers, pin_memory=pin, drop_last=True)
+                                               num_workers=args.num_workers, pin_memory=pin, drop_last=True,
+                                               worker_init_fn=utils.loader_worker_init)
     if len(loader_train) == 0:
         raise ConfigError(f'{args.data_path}: {len(sampler)} training images per process make no full batch '
                           f'of --batch-size {args.batch_size}')
@@ -457,9 +474,16 @@ def optimizer_name(opt: str, device) -> str:
 
 
 def build_optimizer(args, model: nn.Module, device):
+    """timm's optimizer factory. LAMB runs timm's foreach (multi-tensor) path on CUDA, or apex's
+    FusedLAMB (see optimizer_name); --opt-fused picks torch's single-kernel Adam(W)/SGD."""
     extra = dict(eps=args.opt_eps)
     if args.opt_betas:
         extra['betas'] = tuple(args.opt_betas)
+    if args.opt_fused:
+        if args.opt not in FUSED_OPTS:
+            raise ConfigError(f'--opt-fused: torch has fused kernels for --opt {", ".join(FUSED_OPTS)}, '
+                              f'not {args.opt} (apex FusedLAMB is --opt fusedlamb)')
+        extra['fused'] = True
     try:
         return create_optimizer_v2(model, opt=optimizer_name(args.opt, device), lr=args.lr,
                                    weight_decay=args.weight_decay, momentum=args.momentum,
@@ -530,6 +554,39 @@ def scheduler_state(scheduler):
     return getattr(scheduler, 'lr_scheduler', scheduler)
 
 
+# ---- the training model: kernels, DDP, compile, EMA -----------------------------------------------
+def apply_speed_settings(args) -> None:
+    """Process-wide kernel choices. --tf32: TF32 tensor cores for float32 matmuls (cuDNN already
+    uses them for float32 convolutions by default). Without it PyTorch's defaults stay."""
+    if args.tf32:
+        torch.set_float32_matmul_precision('high')
+
+
+def wrap_ddp(model: nn.Module, args, device) -> nn.Module:
+    """DDP with the --ddp-* options (both off by default: scripts/gpu_report.py measures them)."""
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == 'cuda' else None,
+        gradient_as_bucket_view=args.ddp_bucket_view, static_graph=args.ddp_static_graph)
+
+
+def compile_model(model: nn.Module, mode: str = 'default') -> nn.Module:
+    """torch.compile of the whole training model, forward and backward; under DDP, of the DDP module,
+    so the compiler splits the graph at gradient buckets and the all-reduce overlaps the backward.
+    The CUDA-graph modes (reduce-overhead, max-autotune) replay recorded kernels, which the training
+    step allows: static shapes (drop_last) and no host read inside it (engine.TrainStep)."""
+    return torch.compile(model, mode=mode)
+
+
+def build_ema(args, model: nn.Module):
+    """timm's ModelEmaV3 with its foreach update: one multi-tensor lerp over weights and buffers per
+    optimizer step, no per-tensor Python loop. (--model-ema-force-cpu keeps the EMA elsewhere than
+    the model, where timm copies tensor by tensor.)"""
+    if not args.model_ema:
+        return None
+    return ModelEmaV3(model, decay=args.model_ema_decay, foreach=True,
+                      device=torch.device('cpu') if args.model_ema_force_cpu else None)
+
+
 # ---- checkpoints --------------------------------------------------------------------------------
 def checkpoint_state(args, epoch, model, model_ema, optimizer, scheduler, scaler, max_accuracy) -> dict:
     """Everything a resume needs; collective (gathers every rank's RNG state), so call it on all ranks."""
@@ -569,10 +626,9 @@ def resume_training(args, ckpt, model, model_ema, optimizer, scheduler, scaler):
 
 
 def check_finite_weights(*models) -> None:
-    for m in models:
-        floats = [t for t in m.state_dict().values() if t.is_floating_point()] if m is not None else []
-        if not all(torch.isfinite(t).all() for t in floats):
-            raise NonFiniteLossError('the weights became non-finite; stopping before they are saved')
+    """Before a save: one host read per model (weights stay identical across ranks under DDP)."""
+    if not all(utils.all_finite(m.state_dict().values()) for m in models if m is not None):
+        raise NonFiniteLossError('the weights became non-finite; stopping before they are saved')
 
 
 # ---- evaluation and logging ---------------------------------------------------------------------
@@ -719,14 +775,11 @@ def train(args, model, ckpt, loader_train, loader_val, n_val, nb_classes, device
     """The training loop; returns the last epoch's log entry."""
     if not args.unscale_lr:
         args.lr = args.lr * args.batch_size * args.accum_iter * utils.get_world_size() / 512.0
-    train_model = torch.compile(model) if args.compile else model
-    if args.distributed:  # DDP copies rank 0's weights to every rank, so build the EMA after it
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == 'cuda' else None)
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    apply_speed_settings(args)
+    train_model = wrap_ddp(model, args, device) if args.distributed else model
+    if args.compile or args.compile_mode:
+        train_model = compile_model(train_model, args.compile_mode or 'default')
+    model_ema = build_ema(args, model)  # after DDP, which copies rank 0's weights to every rank
     optimizer = build_optimizer(args, model, device)
     scheduler = build_scheduler(args, optimizer)
     warn_schedule(args)
@@ -794,6 +847,7 @@ def interrupted_note(args) -> str:
 
 def cli(argv=None) -> int:
     args = parse_args(argv)
+    utils.handle_ctrl_c()
     try:
         main(args)
     except (DataError, CheckpointError, ConfigError) as err:
@@ -802,7 +856,10 @@ def cli(argv=None) -> int:
     except NonFiniteLossError as err:
         sys.stderr.write(f'error: {one_line(err)}\n')
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, so the last one is whole
+    except BaseException:
+        if not utils.interrupted():
+            raise
+        # Ctrl-C (whatever it broke on the way out): checkpoints are written atomically, the last is whole
         if getattr(args, 'rank', 0) == 0:
             sys.stderr.write(interrupted_note(args) + '\n')
         return 130

@@ -7,10 +7,14 @@ import argparse
 import builtins
 import contextlib
 import datetime
+import math
 import os
 import pickle
 import random
 import re
+import signal
+import sys
+import threading
 import time
 import warnings
 from collections import defaultdict, deque
@@ -66,7 +70,8 @@ def init_distributed(args, device_type: str) -> None:
     """Join the process group the launcher describes; a plain `python main.py` stays single-process.
 
     Sets args.distributed, args.rank, args.world_size and args.local_rank. NCCL on CUDA, gloo
-    otherwise. A SLURM job of one task is single-process.
+    otherwise. One process (a SLURM job of one task, torchrun with one) stays single-process unless
+    --distributed asks for a group of one, which runs the DDP code path on a single GPU.
     """
     env = launcher_env()
     if args.world_size not in (1, env.get('world_size', 1)):
@@ -74,12 +79,12 @@ def init_distributed(args, device_type: str) -> None:
                           f'{env.get("world_size", 1)} process(es)')
     args.rank, args.local_rank = env.get('rank', 0), env.get('local_rank', 0)
     args.world_size = env.get('world_size', 1)
-    if args.world_size == 1:
-        if args.distributed:
-            raise ConfigError('--distributed needs a launcher: run under torchrun or SLURM (srun) '
-                              'with more than one process')
-        args.distributed = False
-        return
+    if not env and args.distributed:
+        raise ConfigError('--distributed needs a launcher: run under torchrun or SLURM (srun)')
+    if args.world_size == 1 and not args.distributed:
+        return  # one process and no --distributed: no process group, no DDP
+    # a launcher with several processes, or one process with --distributed (DDP and its collectives
+    # on one GPU: `torchrun --nproc_per_node 1 main.py --distributed ...`)
     args.distributed = True
     if args.dist_url == 'env://':
         # SLURM without torchrun sets no RANK/WORLD_SIZE; env:// reads them (MASTER_ADDR/PORT come from the job)
@@ -95,6 +100,7 @@ def init_distributed(args, device_type: str) -> None:
     dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
     dist.barrier()
     quiet_non_main_ranks(args.rank == 0)
+    print(f'Distributed: {args.world_size} process(es), {backend} backend')
 
 
 def quiet_non_main_ranks(is_main: bool) -> None:
@@ -106,14 +112,6 @@ def quiet_non_main_ranks(is_main: bool) -> None:
             plain_print(*a, **kw)
 
     builtins.print = rank_print
-
-
-def all_ranks_finite(value: torch.Tensor) -> bool:
-    """True when `value` is finite on every rank: all ranks get the same answer, so they stop together."""
-    ok = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
-    if is_dist():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -139,6 +137,57 @@ def all_gather_object(obj) -> list:
     return out
 
 
+# ---- Ctrl-C -------------------------------------------------------------------------------------------
+_interrupted = False
+
+
+def handle_ctrl_c() -> None:
+    """Make Ctrl-C stop the run reliably (the command line calls this; library use keeps Python's default).
+
+    The first SIGINT raises KeyboardInterrupt as usual and is also remembered: one that arrives while
+    DataLoader workers are being forked lands in a fork handler, where Python prints and drops the
+    exception, and training would go on; `check_interrupted`, at every step, raises it there."""
+    main_pid = os.getpid()
+
+    def on_sigint(signum, frame):
+        global _interrupted
+        if os.getpid() != main_pid:  # a DataLoader worker, forked a moment ago: the main process stops it
+            return
+        _interrupted = True
+        raise KeyboardInterrupt
+
+    def quiet_after_interrupt(unraisable):
+        # "Exception ignored in ..." reports after a Ctrl-C: the dropped interrupt itself (raised again at
+        # the next step) or teardown it broke halfway (a DataLoader iterator interrupted in its __init__)
+        if not _interrupted:
+            sys.__unraisablehook__(unraisable)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    sys.unraisablehook = quiet_after_interrupt
+
+
+def interrupted() -> bool:
+    return _interrupted
+
+
+def check_interrupted() -> None:
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a terminal's Ctrl-C reaches the whole process group, but only the
+    main process should act on it (it stops the workers); a worker that died of it would print its
+    own traceback and leave the main process waiting for its batch. The worker's helper threads talk
+    to the main process only (they hand it the batches' shared memory); when it stops, their connection
+    drops mid-transfer, which is no news worth a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    lost = (ConnectionError, EOFError)
+    thread_hook, hook = threading.excepthook, sys.excepthook  # multiprocessing's fd server reports via the latter
+    threading.excepthook = lambda a: None if issubclass(a.exc_type, lost) else thread_hook(a)
+    sys.excepthook = lambda kind, value, tb: None if issubclass(kind, lost) else hook(kind, value, tb)
+
+
 # ---- CPU threads -------------------------------------------------------------------------------------
 def cpu_threads(num_workers: int):
     """Intra-op threads for a CPU process whose DataLoader workers (one thread each) share its cores:
@@ -149,6 +198,83 @@ def cpu_threads(num_workers: int):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     share = max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
     return max(1, share - num_workers)
+
+
+# ---- training loss and the finite-loss guard, read at log points only ------------------------------
+def is_log_step(i: int, n: int, print_freq: int) -> bool:
+    """The steps (of n) that print a progress line: every print_freq-th, and the last."""
+    return i % print_freq == 0 or i == n - 1
+
+
+@contextlib.contextmanager
+def sync_allowed(device: torch.device):
+    """A place where this code waits for the device on purpose.
+
+    Lifts torch.cuda's sync debug mode inside, so a caller that sets it to 'error' over a training
+    loop (scripts/gpu_report.py) catches every sync except the ones made here.
+    """
+    if device.type != 'cuda':
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+class RunningLoss:
+    """The loss sum and the first non-finite step of an epoch, kept on the device.
+
+    Copying a device value to the host waits for the device's queue to drain (a sync), and asking
+    the other ranks costs a collective; doing both every step stalls the launch pipeline. `add` is a
+    few tiny device ops. `read`, called where a progress line or the epoch end is due, gathers all
+    ranks' numbers in one collective and copies them to the host once. If any rank saw a non-finite
+    loss, every rank raises NonFiniteLossError there, naming the first such step: ranks stop
+    together, before anything of the epoch is saved. The steps between that loss and the read have
+    run (their updates may have made the weights non-finite); main.py never saves them.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        dtype = torch.float32 if device.type == 'mps' else torch.float64  # MPS has no float64
+        # [loss sum, first non-finite step], built on the device (no host-to-device copy)
+        self.state = torch.zeros(2, dtype=dtype, device=device)
+        self.state[1].fill_(math.inf)
+        self.steps = 0  # on this rank; every rank runs the same number (drop_last, equal shards)
+        self.read_sum, self.read_steps = 0.0, 0  # all ranks, as of the previous read
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().reshape(()).to(self.state.dtype)
+        self.state[0].add_(loss)
+        self.state[1].clamp_(max=torch.where(torch.isfinite(loss), math.inf, step))
+        self.steps += 1
+
+    def read(self, where: str) -> tuple:
+        """(mean loss since the previous read, the number of losses it averages), over all ranks."""
+        with sync_allowed(self.device):
+            parts = [self.state]
+            if is_dist():
+                parts = [torch.empty_like(self.state) for _ in range(get_world_size())]
+                dist.all_gather(parts, self.state)
+            per_rank = torch.stack(parts).tolist()  # [[loss sum, first bad step], ...] per rank
+        first_bad = min(bad for _, bad in per_rank)
+        if math.isfinite(first_bad):
+            ranks = ', '.join(str(r) for r, (_, bad) in enumerate(per_rank) if bad == first_bad)
+            raise NonFiniteLossError(
+                f'loss is non-finite at {where}, step {int(first_bad)} (rank {ranks}); training stopped on '
+                f'every rank at step {self.steps - 1}, nothing saved for this epoch')
+        total, steps = sum(s for s, _ in per_rank), self.steps * len(per_rank)
+        new_sum, new_steps = total - self.read_sum, steps - self.read_steps
+        self.read_sum, self.read_steps = total, steps
+        return new_sum / max(new_steps, 1), new_steps
+
+
+def all_finite(tensors) -> bool:
+    """True when every floating-point tensor (all on one device) is finite: one host read in all."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 # ---- RNG state (exact resume) ------------------------------------------------------------------------
@@ -356,6 +482,7 @@ class MetricLogger:
         width = len(str(n))
         start = end = time.time()
         for i, obj in enumerate(iterable):
+            check_interrupted()
             data_time.update(time.time() - end)
             yield obj
             step_time.update(time.time() - end)

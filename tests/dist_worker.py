@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (gloo, CPU).
 
 1. Evaluation without --dist-eval: only rank 0 runs the model, every rank gets its numbers.
-2. A loss that is NaN on rank 1 alone stops both ranks at the same step, before any update.
+2. A loss that is NaN on rank 1 alone stops both ranks at the same point (the next log step), with
+   the same message naming the step and the rank where it appeared.
 Each rank writes its findings to $RESULT_DIR/rank<R>.json.
 """
 import json
@@ -32,7 +33,6 @@ stats = main.run_eval(SimpleNamespace(distributed=True, dist_eval=False), batche
 eval_forwards = len(calls)
 
 ddp = nn.parallel.DistributedDataParallel(model)
-before = model.weight.detach().clone()
 
 
 def nan_on_rank1_step2(inputs, outputs, targets):
@@ -48,6 +48,5 @@ try:
 except NonFiniteLossError as err:
     stopped = str(err)
 with open(os.path.join(os.environ['RESULT_DIR'], f'rank{rank}.json'), 'w') as f:
-    json.dump(dict(eval_forwards=eval_forwards, acc1=stats['acc1'], stopped=stopped is not None,
-                   at_step2='step 2' in (stopped or ''), unchanged=torch.equal(before, model.weight.detach())), f)
+    json.dump(dict(eval_forwards=eval_forwards, acc1=stats['acc1'], stopped=stopped), f)
 dist.destroy_process_group()

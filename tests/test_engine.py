@@ -1,11 +1,19 @@
-"""engine.train_one_epoch and engine.evaluate on toy models whose updates can be computed by hand."""
+"""engine.train_one_epoch and engine.evaluate on toy models whose updates can be computed by hand,
+and the recipe's real step on a tiny ViT-5."""
+from collections import Counter
+
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
 
+import models_vit5  # noqa: F401  (registers vit5_*)
 from engine import evaluate, train_one_epoch
-from losses import DistillationLoss
+from losses import DistillationLoss, build_criterion
 from utils import NonFiniteLossError
 
 
@@ -26,7 +34,7 @@ def run_epoch(model, loader, accum_iter=1, max_norm=None, model_ema=None, criter
     scaler = torch.amp.GradScaler('cpu', enabled=False)
     criterion = criterion or DistillationLoss(nn.CrossEntropyLoss())
     stats = train_one_epoch(model, criterion, loader, opt, torch.device('cpu'), 0, scaler,
-                            max_norm=max_norm, model_ema=model_ema, accum_iter=accum_iter)
+                            max_norm=max_norm, model_ema=model_ema, accum_iter=accum_iter, print_freq=10)
     return stats, len(steps)
 
 
@@ -78,24 +86,81 @@ def test_ema_follows_every_optimizer_step():
     assert ema.updates == steps == 3
 
 
-def test_nonfinite_loss_raises_before_any_update():
-    model = nn.Linear(3, 2)
-    before = [p.detach().clone() for p in model.parameters()]
-    calls = []
-
+def nan_at(bad_step, calls):
+    """A cross-entropy criterion whose loss is NaN at one step (calls counts the steps run)."""
     def criterion(inputs, outputs, targets):
         calls.append(1)
         loss = F.cross_entropy(outputs, targets)
-        return loss * float('nan') if len(calls) == 2 else loss
+        return loss * float('nan') if len(calls) == bad_step + 1 else loss
+    return criterion
 
-    with pytest.raises(NonFiniteLossError, match='epoch 0, step 1'):
-        run_epoch(model, batches(4), accum_iter=2, criterion=criterion)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # window never stepped
+
+def test_nonfinite_loss_raises_naming_its_step():
+    calls = []
+    with pytest.raises(NonFiniteLossError, match=r'epoch 0, step 1 \(rank 0\); training stopped on every rank at '
+                                                 r'step 3, nothing saved'):
+        run_epoch(nn.Linear(3, 2), batches(4), accum_iter=2, criterion=nan_at(1, calls))
+    assert len(calls) == 4  # found where the epoch's last progress line is due
+
+
+def test_nonfinite_loss_stops_at_the_next_log_step():
+    """The loss is read where a progress line is due (steps 0, 10, 20, 24 here): a NaN at step 12
+    stops the epoch at step 20, not later."""
+    calls = []
+    with pytest.raises(NonFiniteLossError, match=r'step 12 .*at step 20'):
+        run_epoch(nn.Linear(3, 2), batches(25), criterion=nan_at(12, calls))
+    assert len(calls) == 21
 
 
 def test_returns_epoch_averages_of_loss_and_lr():
-    stats, _ = run_epoch(nn.Linear(3, 2), batches(3), lr=0.25)
-    assert stats['lr'] == 0.25 and stats['loss'] > 0
+    losses = []
+    criterion = lambda inputs, outputs, targets: losses.append(F.cross_entropy(outputs, targets)) or losses[-1]  # noqa: E731
+    stats, _ = run_epoch(nn.Linear(3, 2), batches(13), lr=0.25, criterion=criterion)
+    assert stats['lr'] == 0.25
+    assert stats['loss'] == pytest.approx(torch.stack(losses).double().mean().item(), rel=1e-12)
+
+
+# Tensor methods that copy a value to the host: each is a host-device sync when the tensor is on a GPU
+HOST_READS = ('item', 'tolist', 'cpu', 'numpy', '__array__', '__bool__', '__float__', '__int__', '__index__',
+              '__complex__')
+
+
+def test_steady_steps_never_read_the_device(monkeypatch):
+    """The released pretraining step (tiny ViT-5 with drop path, timm's LAMB, EMA, mixup/cutmix, BCE,
+    clipping) reads the device only where a progress line is due, once there."""
+    torch.manual_seed(0)
+    model = timm.create_model('vit5_tiny', depth=2, embed_dim=48, num_heads=2, img_size=32, num_classes=10,
+                              drop_path_rate=0.1)
+    optimizer = create_optimizer_v2(model, opt='lamb', lr=4e-3, weight_decay=0.05)
+    ema = ModelEmaV3(model, decay=0.9)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=10)
+    current, reads = [None], []
+
+    class Batches(Loader):
+        def __iter__(self):
+            for i, batch in enumerate(super().__iter__()):
+                current[0] = i
+                yield batch
+
+    def host_step_counters():  # timm's LAMB keeps its step count on the CPU on every device: no sync
+        return {id(g['step']) for g in optimizer.param_groups if 'step' in g}
+
+    def counted(name, method):
+        def wrapper(self, *args, **kwargs):
+            if id(self) not in host_step_counters():
+                reads.append((current[0], name))
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    loader = Batches((torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(25))
+    with monkeypatch.context() as mp:
+        for name in HOST_READS:
+            mp.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+        stats = train_one_epoch(model, build_criterion(True, 0.0, True, False), loader, optimizer,
+                                torch.device('cpu'), 0, torch.amp.GradScaler('cpu', enabled=False),
+                                max_norm=1.0, model_ema=ema, mixup_fn=mixup, print_freq=10)
+    assert Counter(step for step, _ in reads) == {0: 1, 10: 1, 20: 1, 24: 1}, reads
+    assert stats['loss'] > 0 and optimizer.param_groups[0]['step'] == 25
 
 
 def test_cosub_doubles_the_batch_through_the_model():

@@ -1,8 +1,11 @@
 """Checkpoint files, RNG state, launcher detection and progress logging."""
 import argparse
+import builtins
+import math
 import os
 import random
 import re
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +14,7 @@ import pytest
 import torch
 
 import utils
-from utils import CheckpointError, ConfigError
+from utils import CheckpointError, ConfigError, NonFiniteLossError
 
 
 # ---- saving -------------------------------------------------------------------------------------
@@ -133,12 +136,69 @@ def test_single_process_without_launcher(clean_env):
         utils.init_distributed(SimpleNamespace(world_size=4, distributed=False, dist_url='env://'), 'cpu')
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_one_process_under_a_launcher_joins_a_group_only_with_distributed(clean_env):
+    for k, v in dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
+                     MASTER_PORT=str(free_port())).items():
+        clean_env.setenv(k, v)
+    clean_env.setattr(builtins, 'print', builtins.print)  # init_distributed mutes other ranks' print
+    plain = SimpleNamespace(world_size=1, distributed=False, dist_url='env://')
+    utils.init_distributed(plain, 'cpu')
+    assert not plain.distributed and not utils.is_dist()
+    args = SimpleNamespace(world_size=1, distributed=True, dist_url='env://')
+    utils.init_distributed(args, 'cpu')
+    try:
+        assert args.distributed and utils.is_dist() and utils.get_world_size() == 1
+        losses = utils.RunningLoss(torch.device('cpu'))  # its read goes through the collective
+        losses.add(torch.tensor(2.5), 0)
+        assert losses.read('epoch 0') == (2.5, 1)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_slurm_needs_a_rendezvous_address(clean_env):
     clean_env.setenv('SLURM_PROCID', '0')
     clean_env.setenv('SLURM_NTASKS', '2')
     clean_env.delenv('MASTER_ADDR', raising=False)
     with pytest.raises(ConfigError, match='MASTER_ADDR'):
         utils.init_distributed(SimpleNamespace(world_size=1, distributed=False, dist_url='env://'), 'cpu')
+
+
+# ---- the training loss, read at log steps ------------------------------------------------------------
+def test_log_steps_every_print_freq_and_the_last():
+    assert [i for i in range(25) if utils.is_log_step(i, 25, 10)] == [0, 10, 20, 24]
+
+
+def test_running_loss_interval_means_and_counts():
+    losses = utils.RunningLoss(torch.device('cpu'))
+    for i, v in enumerate([1.0, 2.0, 6.0]):
+        losses.add(torch.tensor(v), i)
+    assert losses.read('epoch 0') == (3.0, 3)
+    losses.add(torch.tensor([5.0]), 3)  # a one-element loss counts as a scalar
+    assert losses.read('epoch 0') == (5.0, 1)
+    assert losses.read('epoch 0') == (0.0, 0)  # nothing new since the last read
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+def test_running_loss_names_the_first_nonfinite_step(bad):
+    losses = utils.RunningLoss(torch.device('cpu'))
+    for i, v in enumerate([1.0, 1.0, bad, 1.0, bad, 1.0]):
+        losses.add(torch.tensor(v), i)  # nothing is raised while steps run
+    with pytest.raises(NonFiniteLossError, match=r'^loss is non-finite at epoch 7, step 2 \(rank 0\); training '
+                                                 r'stopped on every rank at step 5, nothing saved for this epoch$'):
+        losses.read('epoch 7')
+
+
+def test_all_finite_checks_every_floating_tensor():
+    ok = [torch.ones(3), torch.zeros(2, 2), torch.tensor([1, 2])]
+    assert utils.all_finite(ok) and utils.all_finite([])
+    assert not utils.all_finite(ok + [torch.tensor([0.0, math.inf])])
+    assert not utils.all_finite([torch.tensor([math.nan], dtype=torch.float64)])
 
 
 # ---- progress -----------------------------------------------------------------------------------
@@ -158,3 +218,29 @@ def test_progress_line_fields(capsys):
     assert all(re.search(p, lines[0]) for p in (r'eta: \d', r'loss: 0\.5', r'lr: ', r'img/s: [\d.]+',
                                                 r'time: ', r'data: ', r'max mem: \d+MB'))
     assert 'Total time' in lines[-1]
+
+
+def test_a_ctrl_c_python_dropped_is_raised_at_the_next_step(monkeypatch):
+    """A SIGINT landing in a fork handler (DataLoader workers starting) is printed and dropped by Python;
+    handle_ctrl_c remembers it, and the step loop raises it."""
+    logger = utils.MetricLogger(torch.device('cpu'))
+    steps = logger.log_every(range(5), print_freq=100)
+    assert next(steps) == 0
+    monkeypatch.setattr(utils, '_interrupted', True)
+    with pytest.raises(KeyboardInterrupt):
+        next(steps)
+
+
+class _SigintDisposition(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import signal
+        return int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_loader_workers_leave_ctrl_c_to_the_main_process():
+    loader = torch.utils.data.DataLoader(_SigintDisposition(), batch_size=2, num_workers=1,
+                                         worker_init_fn=utils.loader_worker_init)
+    assert next(iter(loader)).tolist() == [1, 1]
