@@ -255,15 +255,17 @@ def test_rope_rotation_direction():
     torch.testing.assert_close(e1, torch.tensor([[-math.sin(.3), math.cos(.3)]]))
 
 
-def test_rope_tables_cls_untouched_registers_on_2x2_grid():
+def test_rope_tables_in_token_order_cls_registers_patches():
     model = small_model()
     cos, sin = model.rope_tables(4, 4, torch.float32)
-    assert cos.shape == (1 + 16 + 4, 32)
-    assert torch.equal(cos[0], torch.ones(32)) and torch.equal(sin[0], torch.zeros(32))
-    reg_ang = torch.atan2(sin[17:, 1], cos[17:, 1])  # odd channels carry +sin
+    assert cos.shape == (1 + 4 + 16, 32)
+    assert torch.equal(cos[0], torch.ones(32)) and torch.equal(sin[0], torch.zeros(32))  # cls: not rotated
+    angle = torch.atan2(sin[:, 1::2], cos[:, 1::2])  # one angle per channel pair; odd channels carry +sin
     f = model.blocks[0].attn.rope_reg.freqs
-    expected = ref_angles([(k // 2, k % 2) for k in range(4)], f.tolist())[:, 1].float()
-    torch.testing.assert_close(reg_ang, expected)
+    registers = ref_angles([(k // 2, k % 2) for k in range(4)], f.tolist())[:, 1::2].float()  # 2x2 grid
+    torch.testing.assert_close(angle[1:5], registers)
+    patches = model.blocks[0].attn.rope.angles(4, 4)[:, 1::2]
+    torch.testing.assert_close(angle[5:], torch.atan2(patches.sin(), patches.cos()))
 
 
 def test_rope_leaves_class_token_query_unchanged():
@@ -278,14 +280,14 @@ def test_rope_leaves_class_token_query_unchanged():
 
 def test_rope_cache_reused_and_rebuilt_after_load():
     model = small_model()
-    a = model.rope_tables(4, 4, torch.float32)
-    assert model.rope_tables(4, 4, torch.float32) is a
+    a = model.cached_rope_tables(4, 4, torch.float32)
+    assert model.cached_rope_tables(4, 4, torch.float32) is a
     sd = model.state_dict()
     for k in sd:
         if k.endswith('rope.freqs'):
             sd[k] = sd[k] * 2
     model.load_state_dict(sd)
-    b = model.rope_tables(4, 4, torch.float32)
+    b = model.cached_rope_tables(4, 4, torch.float32)
     assert b is not a and not torch.equal(a[0], b[0])
 
 
@@ -352,14 +354,14 @@ def test_forward_split_and_intermediates():
     x = torch.randn(2, 3, 96, 64)
     with torch.no_grad():
         feats = model.forward_features(x)
-        assert feats.shape == (2, 1 + 24 + 4, 64)
+        assert feats.shape == (2, 1 + 4 + 24, 64) and model.num_prefix_tokens == 5  # cls, registers, patches
         torch.testing.assert_close(model.forward_head(feats), model(x))
         assert torch.equal(model.forward_head(feats, pre_logits=True), feats[:, 0])
         final, inter = model.forward_intermediates(x, indices=[0, 1])
         torch.testing.assert_close(final, feats)
         assert [t.shape for t in inter] == [(2, 64, 6, 4)] * 2
         only = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)
-        torch.testing.assert_close(only[0].flatten(2).transpose(1, 2), feats[:, 1:25])
+        torch.testing.assert_close(only[0].flatten(2).transpose(1, 2), feats[:, model.num_prefix_tokens:])
         (maps, prefix), = model.forward_intermediates(x, indices=[1], return_prefix_tokens=True,
                                                       output_fmt='NLC', intermediates_only=True)
         assert maps.shape == (2, 24, 64) and prefix.shape == (2, 5, 64)
@@ -434,9 +436,11 @@ def test_timm_create_model_every_name_with_overrides(name):
 
 def test_pretrained_cfg_and_local_file_loading(tmp_path):
     src = timm.create_model('vit5_small', depth=2).eval()
-    assert src.pretrained_cfg['file'] == 'vit5_small_patch16_224.pth'
-    cfg = timm.create_model('vit5_base.in1k_384', pretrained=False, depth=1).pretrained_cfg
-    assert cfg['file'] == 'vit5_base_patch16_384.pth' and cfg['input_size'] == (3, 384, 384)
+    assert src.pretrained_cfg['hf_hub_filename'] == 'vit5_small_patch16_224.pth' and not src.pretrained_cfg.get('file')
+    model = timm.create_model('vit5_base.in1k_384', pretrained=False, depth=1)
+    cfg = model.pretrained_cfg
+    assert cfg['hf_hub_filename'] == 'vit5_base_patch16_384.pth' and cfg['input_size'] == (3, 384, 384)
+    assert model.grid == (24, 24)  # the tag's size is the default build size
     path = tmp_path / 'vit5_small_patch16_224.pth'
     torch.save({'model': src.state_dict(), 'args': argparse.Namespace(model='vit5_small'), 'epoch': 799}, path)
     loaded = timm.create_model('vit5_small', depth=2, pretrained=True,
