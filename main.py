@@ -486,6 +486,14 @@ def run(args, device, amp_dtype) -> dict:
     return train(args, model, ckpt, loader_train, loader_val, n_val, nb_classes, device, amp_dtype)
 
 
+def finetune_file(name: str) -> str:
+    """--finetune: a checkpoint path, or a released tag (vit5_small.in1k) read through the Hugging Face cache."""
+    try:
+        return models_vit5.pretrained_file(name)
+    except OSError as err:  # a tag whose file is neither cached nor downloadable
+        raise CheckpointError(str(err)) from None
+
+
 def prepare_model(args, nb_classes: int, device):
     """The model on `device` with the weights asked for; also the --resume checkpoint (or None)."""
     model = build_model(args, nb_classes)
@@ -495,7 +503,8 @@ def prepare_model(args, nb_classes: int, device):
             print(f'Resuming from {args.resume}: --finetune {args.finetune} is not loaded')
         load_weights(model, ckpt, args.resume, use_ema=args.eval and args.load_ema, finetune=False)
     elif args.finetune:
-        load_weights(model, utils.load_checkpoint(args.finetune), args.finetune, args.load_ema, finetune=True)
+        path = finetune_file(args.finetune)
+        load_weights(model, utils.load_checkpoint(path), args.finetune, args.load_ema, finetune=True)
     print(f'{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters')
     return model.to(device), ckpt
 
