@@ -26,7 +26,7 @@ Every component the paper ablates is one constructor argument; with
 """
 import math
 import os
-from typing import Dict, Final, List, Optional, Tuple, Union
+from typing import Final, List, Optional, Tuple, Union
 
 import torch
 import torch.fx
@@ -55,13 +55,6 @@ def set_fast_paths(enable: bool) -> None:
     _FAST_PATHS = bool(enable)
 
 
-def is_compiling() -> bool:
-    """True while dynamo traces: torch.compile, torch.export, the dynamo ONNX exporter."""
-    if torch.jit.is_scripting():
-        return False
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
-
-
 def is_traced(x: torch.Tensor) -> bool:
     """True while TorchScript compiles, torch.jit.trace (and the legacy ONNX exporter) records, FX
     traces (x is a Proxy) or dynamo compiles (torch.compile, torch.export, the dynamo ONNX exporter).
@@ -71,7 +64,8 @@ def is_traced(x: torch.Tensor) -> bool:
     if torch.jit.is_scripting():
         return True
     # the FX test comes before anything reads x.dtype / x.device: on a Proxy those are Proxies too
-    return torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy) or is_compiling()
+    # torch.compiler.is_compiling() is set by torch.export too, strict or not
+    return torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling()
 
 
 def fast_path(x: torch.Tensor) -> str:
@@ -464,7 +458,7 @@ def patch_grid(x: torch.Tensor, patch_size: int, fixed: Optional[Tuple[int, int]
     """(rows, cols) of patches for an image batch (B, C, H, W); refuses H or W not divisible by the patch
     size, and, with `fixed` (dynamic_img_size=False), any other grid."""
     H, W = x.shape[-2], x.shape[-1]
-    if is_compiling():
+    if torch.compiler.is_compiling():
         _check_divisible(H, W, patch_size)  # a Python `if` would specialise the graph to this size
     elif H % patch_size or W % patch_size:
         raise ValueError(f'input size {H}x{W} is not divisible by the patch size {patch_size}')
@@ -491,7 +485,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], build_gri
     resampled, so no branch on the input size is traced: bicubic at scale 1 (align_corners=False)
     samples every source point with weights (0, 1, 0, 0) and reproduces it exactly.
     """
-    if not is_compiling() and grid[0] == build_grid[0] and grid[1] == build_grid[1]:
+    if not torch.compiler.is_compiling() and grid[0] == build_grid[0] and grid[1] == build_grid[1]:
         return pos_embed
     return resample_abs_pos_embed(pos_embed, [grid[0], grid[1]], [build_grid[0], build_grid[1]],
                                   num_prefix_tokens=0, interpolation='bicubic', antialias=False,
@@ -716,7 +710,9 @@ class VisionTransformer5(nn.Module):
             return torch.cat([self.cls_token.expand(B, -1, -1), self.reg_token.expand(B, -1, -1), x], dim=1)
         return torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
 
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int], Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+    def _embed(
+            self, x: torch.Tensor,
+    ) -> Tuple[torch.Tensor, Tuple[int, int], Optional[Tuple[torch.Tensor, torch.Tensor]]]:
         """Image batch -> (tokens, patch grid, RoPE tables shared by every block)."""
         grid = self.grid_for(x)
         x = self._pos_embed(self.patch_embed(x), grid)
