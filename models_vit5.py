@@ -693,7 +693,10 @@ class VisionTransformer5(nn.Module):
                            dtype: torch.dtype) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """rope_tables, built once per (grid, device, dtype) in eager. The key includes the buffers'
         versions, so loading new weights rebuilds them."""
-        freqs = [b for n, b in self.named_buffers() if n.startswith('blocks.0.') and n.endswith('.freqs')]
+        if len(self.blocks) == 0:
+            return None
+        attn = self.blocks[0].attn
+        freqs = [m.freqs for m in (attn.rope, attn.rope_reg) if m is not None]
         if not freqs:
             return None
         key = (n_rows, n_cols, freqs[0].device, dtype, tuple(b._version for b in freqs))
