@@ -184,7 +184,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('fine-tuning')
     g.add_argument('--finetune', default='', metavar='CKPT',
-                   help='start from these weights (pos_embed resampled, head of another shape dropped)')
+                   help='start from these weights, a checkpoint file or a released tag such as vit5_small.in1k '
+                        '(pos_embed resampled, head of another shape dropped); a tag also sets --model and '
+                        '--input-size unless given')
     g.add_argument('--load_ema', action='store_true', help="--finetune / --eval read 'model_ema'")
     g.add_argument('--attn-only', action='store_true',
                    help='train attention, patch / position embedding and head only')
@@ -268,7 +270,8 @@ def check_args(args) -> None:
         raise ConfigError('--auto-resume needs --output_dir')
     if args.eval and not (args.resume or args.finetune or args.auto_resume):
         raise ConfigError('--eval needs weights to evaluate: --resume CKPT (a training checkpoint or a released '
-                          'file) or --finetune CKPT; without them it would score random weights')
+                          'file) or --finetune CKPT|TAG (e.g. vit5_small.in1k); without them it would score '
+                          'random weights')
     if args.cutmix_minmax is not None:
         low, high = args.cutmix_minmax
         if int(args.input_size * low) >= int(args.input_size * high):
@@ -695,6 +698,8 @@ def run(args, device, amp_dtype) -> dict:
         take_model_settings(args, ckpt, args.resume)
         if not args.eval and nothing_left_to_train(args, ckpt):
             return {}
+    elif args.finetune:
+        take_tag_settings(args)
     loader_train, loader_val, n_val, nb_classes = build_loaders(args, device)
     model = prepare_model(args, nb_classes, device, ckpt)
     if args.eval:
@@ -712,25 +717,41 @@ def _flag_text(key: str, value) -> str:
     return f'--{key.replace("_", "-")} {value}'
 
 
+def take_settings(args, settings: dict, source: str) -> None:
+    """Model settings (MODEL_SETTINGS keys) from a checkpoint or a released tag, for the flags the user did
+    not give (args.given; without that record, none are taken). Prints what was taken."""
+    given = getattr(args, 'given', None)
+    if given is None:
+        return
+    taken = {k: v for k, v in settings.items() if k not in given and v is not None and v != getattr(args, k)}
+    for key, value in taken.items():
+        setattr(args, key, value)
+    if taken:
+        print(f'Model settings from {source}: {" ".join(_flag_text(k, v) for k, v in taken.items())} '
+              f'(give a flag to override)')
+
+
 def take_model_settings(args, ckpt: dict, path: str) -> None:
     """The model settings a checkpoint was trained with (its `args`), for those the user did not give."""
     saved = ckpt.get('args')
-    given = getattr(args, 'given', None)
-    if not isinstance(saved, argparse.Namespace) or given is None:
+    if not isinstance(saved, argparse.Namespace):
         return
-    taken = {}
-    for key in MODEL_SETTINGS:
-        value = getattr(saved, key, None)
-        if key in given or value is None or value == getattr(args, key):
-            continue
-        if key == 'model' and value not in timm.list_models(module='models_vit5'):
-            print(f'{path} was trained with --model {value}, which this code does not define: keeping {args.model}')
-            continue
-        taken[key] = value
-        setattr(args, key, value)
-    if taken:
-        print(f'Model settings from {path}: {" ".join(_flag_text(k, v) for k, v in taken.items())} '
-              f'(give a flag to override)')
+    settings = {key: getattr(saved, key, None) for key in MODEL_SETTINGS}
+    if settings['model'] is not None and settings['model'] not in timm.list_models(module='models_vit5'):
+        print(f'{path} was trained with --model {settings.pop("model")}, which this code does not define')
+    take_settings(args, settings, path)
+
+
+def take_tag_settings(args) -> None:
+    """--finetune TAG (a released file, e.g. vit5_base.in1k_384): the tag's model and input size, for those
+    the user did not give. A --model of another architecture cannot take the tag's weights."""
+    cfg = None if os.path.isfile(args.finetune) else models_vit5.released_cfg(args.finetune)
+    if cfg is None:
+        return
+    if 'model' in getattr(args, 'given', ()) and args.model != cfg['architecture']:
+        raise ConfigError(f'--finetune {args.finetune} holds {cfg["architecture"]} weights, which --model '
+                          f'{args.model} cannot take')
+    take_settings(args, dict(model=cfg['architecture'], input_size=cfg['input_size'][-1]), args.finetune)
 
 
 def nothing_left_to_train(args, ckpt: dict) -> bool:
@@ -747,6 +768,14 @@ def nothing_left_to_train(args, ckpt: dict) -> bool:
     raise ConfigError(f'{message}; raise --epochs to train further, or evaluate it with --eval --resume {args.resume}')
 
 
+def finetune_file(name: str) -> str:
+    """--finetune: a checkpoint path, or a released tag (vit5_small.in1k) read through the Hugging Face cache."""
+    try:
+        return models_vit5.pretrained_file(name)
+    except OSError as err:  # a tag whose file is neither cached nor downloadable
+        raise CheckpointError(str(err)) from None
+
+
 def prepare_model(args, nb_classes: int, device, ckpt: Optional[dict]):
     """The model on `device` with the weights asked for (`ckpt`: the --resume checkpoint, or None)."""
     model = build_model(args, nb_classes)
@@ -755,7 +784,8 @@ def prepare_model(args, nb_classes: int, device, ckpt: Optional[dict]):
             print(f'Resuming from {args.resume}: --finetune {args.finetune} is not loaded')
         load_weights(model, ckpt, args.resume, use_ema=args.eval and args.load_ema, finetune=False)
     elif args.finetune:
-        load_weights(model, utils.load_checkpoint(args.finetune), args.finetune, args.load_ema, finetune=True)
+        path = finetune_file(args.finetune)
+        load_weights(model, utils.load_checkpoint(path), args.finetune, args.load_ema, finetune=True)
     print(f'{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters')
     return model.to(device)
 

@@ -1,9 +1,18 @@
 """ViT-5: the plain ViT with modernised parts.
 
-patch embed -> (+ abs pos embed) -> [cls] + patches + [registers]
+patch embed -> (+ abs pos embed) -> [cls] + [registers] + patches
             -> L x Block(RMSNorm -> attention with QK-norm + 2D RoPE -> LayerScale,
                          RMSNorm -> GELU MLP -> LayerScale)
             -> RMSNorm -> head(cls)
+
+Token layout (timm's), N = 1 + R + h*w:
+    0              class token, not rotated
+    1 .. R         registers, on a sqrt(R) x sqrt(R) grid with their own high-frequency RoPE
+    1 + R ..       patches, row-major (index = row * w + col), 2D RoPE; pos_embed covers these only
+so `num_prefix_tokens = 1 + R` and `forward_features(x)[:, model.num_prefix_tokens:]` are the patches.
+The released checkpoints put the registers after the patches. Attention does not depend on the
+order of the tokens (each carries its own RoPE angles and pos_embed is added per patch before the
+join), so the same weights give the same logits up to float rounding; the state dict is unchanged.
 
 The parameter and buffer names equal those of the released checkpoints
 (`tests/data/checkpoint_layout.json`), so released files load strictly.
@@ -12,23 +21,81 @@ Every component the paper ablates is one constructor argument; with
 
 `import models_vit5` registers every variant with timm:
     model = timm.create_model('vit5_base', num_classes=100, img_size=192)
+    model = timm.create_model('vit5_base', pretrained=True)            # released weights, Hugging Face Hub
+    backbone = timm.create_model('vit5_base', features_only=True, out_indices=(3, 7, 11))
 """
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import os
+from typing import Final, List, Optional, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, PatchEmbed, SwiGLU, resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import (DropPath, Mlp, PatchEmbed, SwiGLU, global_pool_nlc, resample_abs_pos_embed, to_2tuple,
+                         trunc_normal_)
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models._features import feature_take_indices
 
-__all__ = ['VisionTransformer5', 'checkpoint_filter_fn', 'DEIT3_KWARGS']
+__all__ = ['VisionTransformer5', 'checkpoint_filter_fn', 'DEIT3_KWARGS', 'set_fast_paths', 'fast_path',
+           'pretrained_file', 'released_cfg', 'HF_HUB_ID']
 
 
+# ---- which evaluation runs: the one place that decides -------------------------------------------
+_FAST_PATHS = True
+
+
+def set_fast_paths(enable: bool) -> None:
+    """Allow (default) or forbid the eager fast paths process-wide; off, eager runs the plain ops that
+    tracers and exporters see (to check a result does not depend on them, or to time the plain ops)."""
+    global _FAST_PATHS
+    _FAST_PATHS = bool(enable)
+
+
+def is_traced(x: torch.Tensor) -> bool:
+    """True while TorchScript compiles, torch.jit.trace (and the legacy ONNX exporter) records, FX
+    traces (x is a Proxy) or dynamo compiles (torch.compile, torch.export, the dynamo ONNX exporter).
+
+    These all get the plain ops, no branch on the input size and no table cache.
+    """
+    if torch.jit.is_scripting():
+        return True
+    # the FX test comes before anything reads x.dtype / x.device: on a Proxy those are Proxies too
+    # torch.compiler.is_compiling() is set by torch.export too, strict or not
+    return torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling()
+
+
+def fast_path(x: torch.Tensor) -> str:
+    """How RMSNorm and RoPE are evaluated on `x`: the ONE place that decides (cf. timm's layers/config.py).
+
+    ''      the plain ops, the formulas as written: always under a tracer, scripter, exporter or
+            compiler (see is_traced), after set_fast_paths(False), and in CPU inference (so a traced
+            graph reproduces eager inference bit for bit).
+    'cpu'   eager CPU float32 with autograd recording: RMSNorm with a hand-written backward and RoPE
+            as one complex multiply; both pay off in the backward pass of CPU training.
+    'cuda'  eager CUDA: RMSNorm as one fused kernel (F.rms_norm) where its weight is a vector.
+    Every path evaluates the same formula; they differ only in float rounding.
+    """
+    if torch.jit.is_scripting():
+        return ''
+    if not _FAST_PATHS or is_traced(x):
+        return ''
+    return eager_path(x.device.type, x.dtype, torch.is_grad_enabled() and x.requires_grad)
+
+
+def eager_path(device_type: str, dtype: torch.dtype, records_grad: bool) -> str:
+    """fast_path's choice for an eager tensor, from its device type, dtype and whether autograd records it."""
+    if device_type == 'cuda':
+        return 'cuda'
+    if device_type == 'cpu' and dtype == torch.float32 and records_grad:
+        return 'cpu'
+    return ''
+
+
+# ---- RMSNorm --------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     """RMSNorm as released: normalise in float32, cast back, THEN scale by `weight`.
 
@@ -51,23 +118,30 @@ class RMSNorm(nn.Module):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim; `weight` broadcasts against x, e.g. (D,), or (2, 1, hd) for stacked q, k."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32:
-        # e.g. bf16 under autocast: normalise in float32, cast back, then scale (see RMSNorm)
-        return F.rms_norm(x.float(), x.shape[-1:], None, eps).type_as(x) * weight
-    if x.device.type == 'cpu' and not torch.compiler.is_compiling():
-        return _RMSNormCPU.apply(x, weight, eps)
-    if weight.dim() == 1:
-        return F.rms_norm(x, x.shape[-1:], weight, eps)  # one fused kernel on CUDA
-    return F.rms_norm(x, x.shape[-1:], None, eps) * weight
+    path = fast_path(x)
+    if path == 'cpu' and weight.dtype == torch.float32:
+        return _rms_norm_cpu(x, weight, eps)
+    if path == 'cuda':
+        if weight.dim() == 1:  # one fused kernel; scaling inside it differs from "cast, then scale" by bf16 rounding
+            return F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps)
+        return F.rms_norm(x, x.shape[-1:], None, eps) * weight  # fused normalise (float32 inside, cast back)
+    # the formula: plain ops every exporter knows (the legacy ONNX exporter has no aten::rms_norm)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+@torch.jit.unused
+def _rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _RMSNormCPU.apply(x, weight, eps)
 
 
 class _RMSNormCPU(torch.autograd.Function):
-    """float32 RMSNorm with a hand-written backward, for CPU.
+    """float32 RMSNorm with a hand-written backward, for CPU training (fast_path 'cpu').
 
     CPU has no fused RMSNorm kernel: F.rms_norm runs as pow, mean, rsqrt, mul, mul, and autograd
     adds ~9 full-size ops behind it. This does 3 full-size ops forward and 6-7 backward; on a busy
     CPU each parallel op also waits for scheduler time, so the op count matters as much as the bytes.
-    Same maths as F.rms_norm (float32 throughout, so "normalise, cast back, scale" holds trivially).
+    Same maths as the formula in rms_norm (float32 throughout, so "normalise, cast back, scale" holds).
     """
 
     @staticmethod
@@ -105,6 +179,7 @@ def make_norm(norm_layer: str, dim: int) -> nn.Module:
     raise ValueError(f"norm_layer must be 'rms' or 'layer', got {norm_layer!r}")
 
 
+# ---- rotary position embedding --------------------------------------------------------------------
 def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
     """freqs[i] = theta ** (-2i / (head_dim / 2)), i < head_dim / 4 (one quarter per axis half)."""
     if head_dim % 4:
@@ -113,16 +188,30 @@ def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
     return theta ** (-torch.arange(quarter, dtype=torch.float32) * 2 / (head_dim // 2))
 
 
-class RotaryEmbedding2D(nn.Module):
-    """Angles of a 2D rotary embedding over an (n_rows, n_cols) grid.
+def rope_angles(freqs: torch.Tensor, n_rows: int, n_cols: int, grid: Tuple[int, int]) -> torch.Tensor:
+    """(n_rows * n_cols, head_dim) angles of a 2D RoPE, positions row-major (index = row * n_cols + col).
 
     Channel layout of one head (head_dim = 4Q, freqs f0..f{Q-1}):
         channels [0, 2Q):  row angle    r*f0 r*f0 r*f1 r*f1 ... r*f{Q-1} r*f{Q-1}
         channels [2Q, 4Q): column angle c*f0 c*f0 ...             c*f{Q-1} c*f{Q-1}
-    Each frequency covers two ADJACENT channels, which are rotated together
-    (see `apply_rope`). Positions are scaled to the build grid:
-    row r of an n-row grid sits at r / n * grid[0], so a grid of the build size
-    has positions 0 .. G-1 and other sizes span the same range.
+    Each frequency covers two ADJACENT channels, rotated together (see `apply_rope`). Positions
+    are scaled to the build grid: row r of n rows sits at r / n * grid[0], so a grid of the build
+    size has positions 0 .. G-1 and other sizes span the same range.
+    """
+    rows = torch.arange(n_rows, device=freqs.device, dtype=torch.float32) / n_rows * grid[0]
+    cols = torch.arange(n_cols, device=freqs.device, dtype=torch.float32) / n_cols * grid[1]
+    freqs = freqs.float().repeat_interleave(2)  # [f0 f0 f1 f1 ...]
+    row_ang = torch.outer(rows, freqs)  # (n_rows, 2Q)
+    col_ang = torch.outer(cols, freqs)  # (n_cols, 2Q)
+    ang = torch.cat([
+        row_ang[:, None, :].expand(n_rows, n_cols, -1),
+        col_ang[None, :, :].expand(n_rows, n_cols, -1),
+    ], dim=-1)
+    return ang.reshape(n_rows * n_cols, -1)
+
+
+class RotaryEmbedding2D(nn.Module):
+    """The frequencies of a 2D rotary embedding built for an (n_rows, n_cols) grid; see `rope_angles`.
 
     `freqs` is a persistent buffer because the released checkpoints carry it.
     """
@@ -133,18 +222,36 @@ class RotaryEmbedding2D(nn.Module):
         self.register_buffer('freqs', rope_frequencies(head_dim, theta), persistent=True)
 
     def angles(self, n_rows: int, n_cols: int) -> torch.Tensor:
-        """(n_rows * n_cols, head_dim) angles, positions row-major (index = row * n_cols + col)."""
-        device = self.freqs.device
-        rows = torch.arange(n_rows, device=device, dtype=torch.float32) / n_rows * self.grid[0]
-        cols = torch.arange(n_cols, device=device, dtype=torch.float32) / n_cols * self.grid[1]
-        freqs = self.freqs.float().repeat_interleave(2)  # [f0 f0 f1 f1 ...]
-        row_ang = torch.outer(rows, freqs)  # (n_rows, 2Q)
-        col_ang = torch.outer(cols, freqs)  # (n_cols, 2Q)
-        ang = torch.cat([
-            row_ang[:, None, :].expand(n_rows, n_cols, -1),
-            col_ang[None, :, :].expand(n_rows, n_cols, -1),
-        ], dim=-1)
-        return ang.reshape(n_rows * n_cols, -1)
+        return rope_angles(self.freqs, n_rows, n_cols, self.grid)
+
+
+@torch.fx.wrap  # one FX node, evaluated with real sizes (torch.arange of a traced size is not traceable)
+def rope_tables(
+        patch_freqs: Optional[torch.Tensor],
+        reg_freqs: Optional[torch.Tensor],
+        n_rows: int,
+        n_cols: int,
+        build_grid: Tuple[int, int],
+        reg_side: int,
+        dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (1 + R + n_rows*n_cols, head_dim), rows in token order: cls, registers, patches.
+
+    The class token (and any part without RoPE) gets cos 1 / sin 0: not rotated. The R = reg_side^2
+    registers sit on a reg_side x reg_side grid with their own frequencies. `sin` comes pre-signed per channel pair,
+    [-s0 +s0 -s1 +s1 ...] (see apply_rope).
+    """
+    ref = patch_freqs if patch_freqs is not None else reg_freqs
+    assert ref is not None, 'rope_tables needs patch or register frequencies'
+    hd = 4 * ref.shape[0]
+    cls_ang = ref.new_zeros(1, hd, dtype=torch.float32)
+    reg_ang = (rope_angles(reg_freqs, reg_side, reg_side, (reg_side, reg_side)) if reg_freqs is not None
+               else ref.new_zeros(reg_side * reg_side, hd, dtype=torch.float32))
+    patch_ang = (rope_angles(patch_freqs, n_rows, n_cols, build_grid) if patch_freqs is not None
+                 else ref.new_zeros(n_rows * n_cols, hd, dtype=torch.float32))
+    ang = torch.cat([cls_ang, reg_ang, patch_ang])
+    sign = torch.tensor([-1., 1.], device=ref.device).repeat(hd // 2)
+    return ang.cos().to(dtype), (ang.sin() * sign).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -152,17 +259,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     `sin` comes pre-signed per pair, [-s0 +s0 -s1 +s1 ...], so with the pairs swapped
     ([x0 x1 x2 x3 ...] -> [x1 x0 x3 x2 ...]) the rotation is x*cos + swapped*sin.
-    In eager float32 the same rotation is one complex multiply, (a + ib) * (cos + i sin):
-    one op forward and one backward instead of three and four (torch.compile fuses either).
     """
-    if x.dtype == torch.float32 and cos.dtype == torch.float32 and not torch.compiler.is_compiling():
-        rot = torch.complex(cos[..., ::2], sin[..., 1::2])  # (..., hd/2), odd channels carry +sin
-        x = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # pairs (a, b) -> a + ib
-        return torch.view_as_real(x * rot).flatten(-2)
+    if fast_path(x) == 'cpu' and cos.dtype == torch.float32:
+        return _rope_complex(x, cos, sin)
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return torch.addcmul(x * cos, swapped, sin)
 
 
+@torch.jit.unused
+def _rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The same rotation as one complex multiply, (a + ib) * (cos + i sin): one op forward and one
+    backward instead of three and four (CPU training; torch.compile fuses the plain form anyway)."""
+    rot = torch.complex(cos[..., ::2], sin[..., 1::2])  # (..., hd/2), odd channels carry +sin
+    z = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # pairs (a, b) -> a + ib
+    return torch.view_as_real(z * rot).flatten(-2)
+
+
+# ---- attention --------------------------------------------------------------------------------------
 class Attention(nn.Module):
     """Multi-head self-attention with optional QK-norm and rotary embeddings.
 
@@ -206,8 +319,8 @@ class Attention(nn.Module):
         self.q_norm = make_norm(norm_layer, self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = make_norm(norm_layer, self.head_dim) if qk_norm else nn.Identity()
 
-    def qkv_heads(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]]):
-        """q, k, v as (B, nh, N, hd) views; q and k normed and rotated."""
+    def qkv_heads(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+        """q, k, v as (B, nh, N, hd) views; q and k normed and rotated, all three in v's dtype."""
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
         # q and k stay stacked, (B, N, 2, nh, hd), so norm and RoPE run once for both. This token-major
@@ -222,15 +335,18 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope  # (N, hd), identity rows (cos 1, sin 0) for unrotated tokens
             qk = apply_rope(qk, cos[:, None, None], sin[:, None, None])
+        # The norm's float32 weight makes q, k float32 even under autocast; back to v's dtype (the
+        # autocast dtype there), so attention runs in it as the released matmuls did. No-op in float32.
+        qk = qk.to(v.dtype)
         q, k = qk.unbind(2)
         return q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
 
-    def attention_probs(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+    def attention_probs(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         """softmax(q k^T * scale): (B, nh, N, N), for visualisation and tests."""
         q, k, _ = self.qkv_heads(x, rope)
         return ((q.float() * self.scale) @ k.float().transpose(-2, -1)).softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv_heads(x, rope)
         drop = self.attn_drop if self.training else 0.
@@ -240,7 +356,7 @@ class Attention(nn.Module):
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             x = F.dropout(attn, drop, self.training) @ v.to(attn.dtype)
         else:
-            x = F.scaled_dot_product_attention(q, k, v.to(q.dtype), dropout_p=drop)
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, nh * hd)
         return self.proj_drop(self.proj(x))
 
@@ -263,7 +379,8 @@ def check_attn_backend(name: str) -> str:
     return name
 
 
-def flash_attention(q, k, v, dropout_p: float) -> torch.Tensor:
+@torch.jit.unused
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """flash-attn kernels on (B, nh, N, hd) tensors; they take fp16/bf16 only."""
     from flash_attn import flash_attn_func
     dtype = q.dtype
@@ -310,13 +427,13 @@ class Block(nn.Module):
         else:
             raise ValueError(f"mlp_type must be 'gelu' or 'swiglu', got {mlp_type!r}")
 
-    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         x = self.add_residual(x, self.attn(self.norm1(x), rope), self.gamma_1)
         x = self.add_residual(x, self.mlp(self.norm2(x)), self.gamma_2)
         return x
 
     def add_residual(self, x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:
-        """x + drop_path(gamma * y) as ONE full-size op (addcmul).
+        """x + drop_path(gamma * y) as ONE full-size op (addcmul, a plain op every tracer and exporter knows).
 
         With drop path, its per-sample mask is folded into LayerScale first: DropPath applied to
         ones draws the same (B, 1, 1) mask it would draw for y, and gamma * mask is only (B, 1, D).
@@ -332,13 +449,54 @@ class Block(nn.Module):
 DEIT3_KWARGS = dict(
     norm_layer='layer', qk_norm=False, rope=False, reg_rope=False, num_registers=0, qkv_bias=True,
 )
+GLOBAL_POOLS = ('', 'token', 'avg', 'max', 'avgmax')
+
+
+# ---- size-dependent steps kept opaque to FX (one graph node each, run with real sizes) ---------------
+@torch.fx.wrap
+def patch_grid(x: torch.Tensor, patch_size: int, fixed: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+    """(rows, cols) of patches for an image batch (B, C, H, W); refuses H or W not divisible by the patch
+    size, and, with `fixed` (dynamic_img_size=False), any other grid."""
+    H, W = x.shape[-2], x.shape[-1]
+    if torch.compiler.is_compiling():
+        _check_divisible(H, W, patch_size)  # a Python `if` would specialise the graph to this size
+    elif H % patch_size or W % patch_size:
+        raise ValueError(f'input size {H}x{W} is not divisible by the patch size {patch_size}')
+    grid = (H // patch_size, W // patch_size)
+    if fixed is not None and (grid[0] != fixed[0] or grid[1] != fixed[1]):
+        raise ValueError(f'input size {H}x{W} differs from the size the model was built for '
+                         f'({fixed[0] * patch_size}x{fixed[1] * patch_size}) and dynamic_img_size is off')
+    return grid
+
+
+@torch.jit.unused
+def _check_divisible(H: int, W: int, patch_size: int) -> None:
+    """The divisibility rule as constraints on the symbolic sizes of torch.compile / torch.export."""
+    torch._check(H % patch_size == 0, lambda: f'input height {H} is not divisible by the patch size {patch_size}')
+    torch._check(W % patch_size == 0, lambda: f'input width {W} is not divisible by the patch size {patch_size}')
+
+
+@torch.fx.wrap
+def resample_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], build_grid: Tuple[int, int]) -> torch.Tensor:
+    """pos_embed (1, G0*G1, D) of the build grid -> (1, h*w, D) for `grid`: bicubic, align_corners=False,
+    as the released fine-tuning resampled it.
+
+    Eager returns it untouched at the build size. Under torch.compile / torch.export it is always
+    resampled, so no branch on the input size is traced: bicubic at scale 1 (align_corners=False)
+    samples every source point with weights (0, 1, 0, 0) and reproduces it exactly.
+    """
+    if not torch.compiler.is_compiling() and grid[0] == build_grid[0] and grid[1] == build_grid[1]:
+        return pos_embed
+    return resample_abs_pos_embed(pos_embed, [grid[0], grid[1]], [build_grid[0], build_grid[1]],
+                                  num_prefix_tokens=0, interpolation='bicubic', antialias=False,
+                                  align_corners=False)
 
 
 class VisionTransformer5(nn.Module):
     """ViT-5 (and, with `DEIT3_KWARGS`, DeiT-III LS).
 
-    Token order: [cls] + patches (row-major) + [registers]. `pos_embed` covers
-    the patches only and is added before cls and registers are joined.
+    Token layout: [cls] + [registers] + patches (row-major); see the module docstring.
+    `pos_embed` covers the patches only and is added before cls and registers are joined.
 
     Args (ablation switches, defaults = ViT-5):
         norm_layer: 'rms' (RMSNorm) or 'layer' (LayerNorm), for every norm incl. QK-norm.
@@ -351,7 +509,15 @@ class VisionTransformer5(nn.Module):
         qkv_bias: bias in the qkv projection.
         mlp_type: 'gelu' or 'swiglu'.
         attn_backend: 'sdpa' (default), 'flash_attn' (flash-attn package) or 'eager' (explicit softmax).
+    timm's options:
+        global_pool: what the head reads: 'token' (class token, released), 'avg' / 'max' / 'avgmax'
+            over the patch tokens, or '' (every token).
+        dynamic_img_size: True (default, as released): any H x W divisible by the patch size, with
+            pos_embed resampled and RoPE positions scaled; False: only the build size.
     """
+    dynamic_img_size: Final[bool]
+
+    __jit_ignored_attributes__ = ['_rope_cache']  # an eager-only cache; scripted code builds the tables
 
     def __init__(
             self,
@@ -359,6 +525,7 @@ class VisionTransformer5(nn.Module):
             patch_size: int = 16,
             in_chans: int = 3,
             num_classes: int = 1000,
+            global_pool: str = 'token',
             embed_dim: int = 768,
             depth: int = 12,
             num_heads: int = 12,
@@ -379,21 +546,26 @@ class VisionTransformer5(nn.Module):
             qkv_bias: bool = False,
             mlp_type: str = 'gelu',
             attn_backend: str = 'sdpa',
+            dynamic_img_size: bool = True,
     ):
         super().__init__()
         if num_registers < 0 or math.isqrt(num_registers) ** 2 != num_registers:
             raise ValueError(f'num_registers must be 0 or a perfect square (they sit on a square grid), '
                              f'got {num_registers}')
         self.num_classes = num_classes
-        self.num_features = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1  # the class token; registers follow the patches
-        self.num_registers = num_registers
+        self.global_pool = check_global_pool(global_pool)
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_registers = self.num_reg_tokens = num_registers
+        self.reg_side = math.isqrt(num_registers)  # registers sit on a reg_side x reg_side grid
+        self.num_prefix_tokens = 1 + num_registers  # cls + registers, ahead of the patches
+        self.has_class_token = True
+        self.no_embed_class = True  # pos_embed has no slot for the prefix tokens
+        self.dynamic_img_size = dynamic_img_size
         self.patch_size = patch_size
         self.grad_checkpointing = False
 
         img_size = to_2tuple(img_size)
-        if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ValueError(f'img_size {img_size[0]}x{img_size[1]} is not divisible by the patch size {patch_size}')
+        check_img_size(img_size, patch_size)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.grid = self.patch_embed.grid_size  # (rows, cols) at the build size
         num_patches = self.grid[0] * self.grid[1]
@@ -411,11 +583,14 @@ class VisionTransformer5(nn.Module):
                 attn_backend=attn_backend,
             )
             for _ in range(depth)])
+        # what features_only / forward_intermediates offer: every block's output, one token per patch
+        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=patch_size)
+                             for i in range(depth)]
         self.norm = make_norm(norm_layer, embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-        self._rope_cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_cache = {}  # (rows, cols, device, dtype, freq versions) -> (cos, sin), eager only
         self.init_weights()
 
     # ---- construction helpers -------------------------------------------------------------
@@ -450,84 +625,118 @@ class VisionTransformer5(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int):
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        """A new head for `num_classes` (0: none, forward returns the pooled features), on the model's
+        device and dtype; `global_pool` ('token', 'avg', 'max', 'avgmax', '') changes what it reads."""
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if global_pool is not None:
+            self.global_pool = check_global_pool(global_pool)
+        ref = self.cls_token
+        self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) \
+            if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             _init_linear(self.head)
+        self.head.train(self.training)
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None,
+                       patch_size: Optional[int] = None):
+        """Rebuild for another build size (and/or patch size, timm's PatchEmbed resamples the kernel).
+
+        Gives the model a build at the new size would be after loading these weights through
+        checkpoint_filter_fn: pos_embed resampled bicubically, RoPE positions scaled to the new grid.
+        """
+        if img_size is not None:
+            check_img_size(to_2tuple(img_size), patch_size or self.patch_size)
+        old_grid = self.grid
+        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        self.patch_size = self.patch_embed.patch_size[0]
+        self.grid = self.patch_embed.grid_size
+        if self.pos_embed is not None and tuple(self.grid) != tuple(old_grid):
+            with torch.no_grad():
+                pos = resample_abs_pos_embed(self.pos_embed, list(self.grid), list(old_grid), num_prefix_tokens=0,
+                                             interpolation='bicubic', antialias=False, align_corners=False)
+            self.pos_embed = nn.Parameter(pos, requires_grad=self.pos_embed.requires_grad)
+        for blk in self.blocks:
+            if blk.attn.rope is not None:
+                blk.attn.rope.grid = tuple(self.grid)
+        for info in self.feature_info:
+            info['reduction'] = self.patch_size
+        self._rope_cache.clear()
+        try:  # timm >= 1.0.26 records the size a model now takes (get_model_input_config)
+            from timm.models._input import update_model_input_size
+        except ImportError:
+            return
+        update_model_input_size(self, self.patch_embed.img_size, patch_size=patch_size)
 
     # ---- positions ------------------------------------------------------------------------
     def grid_for(self, x: torch.Tensor) -> Tuple[int, int]:
-        H, W = x.shape[-2:]
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f'input size {H}x{W} is not divisible by the patch size {p}')
-        return H // p, W // p
+        """(rows, cols) of patches of the image batch x; a ValueError for a size the model cannot take."""
+        return patch_grid(x, self.patch_size, None if self.dynamic_img_size else self.grid)
 
-    def rope_tables(self, n_rows: int, n_cols: int, dtype: torch.dtype):
-        """(cos, sin) of shape (1 + n_rows*n_cols + num_registers, head_dim), or None without RoPE.
+    def rope_tables(self, n_rows: int, n_cols: int, dtype: torch.dtype) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) of shape (1 + R + n_rows*n_cols, head_dim) in token order, or None without RoPE.
 
-        Built once per (grid, device, dtype) from the first block's buffers (all blocks hold the
-        same frequencies) and cached; the class token gets cos 1 / sin 0 (not rotated).
-        The cache key includes the buffers' version, so loading new weights rebuilds it.
+        Built from the first block's buffers: all blocks hold the same frequencies.
         """
-        attn = self.blocks[0].attn if len(self.blocks) else None
-        if attn is None or (attn.rope is None and attn.rope_reg is None):
+        if len(self.blocks) == 0:
             return None
-        ref = attn.rope.freqs if attn.rope is not None else attn.rope_reg.freqs
-        key = (n_rows, n_cols, ref.device, dtype,
-               tuple(m.freqs._version for m in (attn.rope, attn.rope_reg) if m is not None))
-        compiling = torch.compiler.is_compiling()
-        if not compiling and key in self._rope_cache:
-            return self._rope_cache[key]
-        hd = attn.head_dim
-        zeros = lambda n: ref.new_zeros(n, hd, dtype=torch.float32)  # noqa: E731
-        n_reg_side = math.isqrt(self.num_registers)
-        ang = torch.cat([
-            zeros(1),  # cls
-            attn.rope.angles(n_rows, n_cols) if attn.rope is not None else zeros(n_rows * n_cols),
-            attn.rope_reg.angles(n_reg_side, n_reg_side) if attn.rope_reg is not None else zeros(self.num_registers),
-        ])
-        sign = torch.tensor([-1., 1.], device=ref.device).repeat(hd // 2)  # pre-signed sin, see apply_rope
-        tables = ang.cos().to(dtype), (ang.sin() * sign).to(dtype)
-        if not compiling:
-            self._rope_cache[key] = tables
-        return tables
+        attn = self.blocks[0].attn
+        patch_freqs = attn.rope.freqs if attn.rope is not None else None
+        reg_freqs = attn.rope_reg.freqs if attn.rope_reg is not None else None
+        if patch_freqs is None and reg_freqs is None:
+            return None
+        return rope_tables(patch_freqs, reg_freqs, n_rows, n_cols, self.grid, self.reg_side, dtype)
+
+    @torch.jit.unused
+    def cached_rope_tables(self, n_rows: int, n_cols: int,
+                           dtype: torch.dtype) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """rope_tables, built once per (grid, device, dtype) in eager. The key includes the buffers'
+        versions, so loading new weights rebuilds them."""
+        if len(self.blocks) == 0:
+            return None
+        attn = self.blocks[0].attn
+        freqs = [m.freqs for m in (attn.rope, attn.rope_reg) if m is not None]
+        if not freqs:
+            return None
+        key = (n_rows, n_cols, freqs[0].device, dtype, tuple(b._version for b in freqs))
+        if key not in self._rope_cache:
+            self._rope_cache[key] = self.rope_tables(n_rows, n_cols, dtype)
+        return self._rope_cache[key]
 
     def _pos_embed(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        """(B, h*w, D) patch tokens -> (B, 1 + h*w + R, D) with position embedding, cls, registers."""
+        """(B, h*w, D) patch tokens -> (B, 1 + R + h*w, D): cls, registers, patches + position embedding."""
         if self.pos_embed is not None:
-            pos = self.pos_embed
-            if grid != tuple(self.grid):
-                pos = resample_abs_pos_embed(pos, list(grid), list(self.grid), num_prefix_tokens=0,
-                                             interpolation='bicubic', antialias=False, align_corners=False)
-            x = x + pos
+            x = x + resample_pos_embed(self.pos_embed, grid, self.grid)
         B = x.shape[0]
-        tokens = [self.cls_token.expand(B, -1, -1), x]
         if self.reg_token is not None:
-            tokens.append(self.reg_token.expand(B, -1, -1))
-        return torch.cat(tokens, dim=1)
+            return torch.cat([self.cls_token.expand(B, -1, -1), self.reg_token.expand(B, -1, -1), x], dim=1)
+        return torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
 
-    def _embed(self, x: torch.Tensor):
+    def _embed(
+            self, x: torch.Tensor,
+    ) -> Tuple[torch.Tensor, Tuple[int, int], Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+        """Image batch -> (tokens, patch grid, RoPE tables shared by every block)."""
         grid = self.grid_for(x)
         x = self._pos_embed(self.patch_embed(x), grid)
-        return x, grid, self.rope_tables(*grid, x.dtype)
-
-    def _run_block(self, blk: Block, x: torch.Tensor, rope) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(blk, x, rope, use_reentrant=False)
-        return blk(x, rope)
+        if is_traced(x):  # tracers get the table ops themselves, no cache
+            return x, grid, self.rope_tables(grid[0], grid[1], x.dtype)
+        return x, grid, self.cached_rope_tables(grid[0], grid[1], x.dtype)
 
     # ---- forward --------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, 1 + h*w + R, D): all tokens after the final norm."""
+        """(B, C, H, W) -> (B, 1 + R + h*w, D): all tokens after the final norm."""
         x, _, rope = self._embed(x)
         for blk in self.blocks:
-            x = self._run_block(blk, x, rope)
+            if not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, rope, use_reentrant=False)
+            else:
+                x = blk(x, rope)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x[:, 0])  # class token
+        x = global_pool_nlc(x, self.global_pool, self.num_prefix_tokens)  # 'token': the class token
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -537,46 +746,63 @@ class VisionTransformer5(nn.Module):
             self,
             x: torch.Tensor,
             indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
             norm: bool = False,
+            stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
-            return_prefix_tokens: bool = False,
     ):
         """Outputs of chosen blocks for dense tasks (timm's API).
 
         indices: None (all), an int n (last n blocks) or a list of block indices.
         Returns patch maps (B, D, h, w) ('NCHW') or (B, h*w, D) ('NLC'); with
         return_prefix_tokens, (map, tokens) pairs where tokens = cls + registers (B, 1 + R, D).
-        Unless intermediates_only, also returns the final normed features.
+        norm applies the final norm to each; unless intermediates_only, also returns the final
+        normed features of all tokens (the blocks after the last index run only then, or without stop_early).
         """
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.blocks), indices)
+        B = x.shape[0]
         x, (h, w), rope = self._embed(x)
-        B, n_patch = x.shape[0], h * w
+        blocks = self.blocks
+        if not torch.jit.is_scripting() and (stop_early or intermediates_only):
+            blocks = self.blocks[:max_index + 1]
         intermediates = []
-        blocks = self.blocks if intermediates_only is False else self.blocks[:max_index + 1]
         for i, blk in enumerate(blocks):
-            x = self._run_block(blk, x, rope)
+            if not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, rope, use_reentrant=False)
+            else:
+                x = blk(x, rope)
             if i in take:
                 y = self.norm(x) if norm else x
-                patches = y[:, 1:1 + n_patch]
+                patches = y[:, self.num_prefix_tokens:]
                 if output_fmt == 'NCHW':
                     patches = patches.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous()
-                if return_prefix_tokens:
-                    prefix = torch.cat([y[:, :1], y[:, 1 + n_patch:]], dim=1)
-                    patches = (patches, prefix)
-                intermediates.append(patches)
+                intermediates.append((patches, y[:, :self.num_prefix_tokens]) if return_prefix_tokens else patches)
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the blocks after the last of `indices` (and the final norm / the head); returns the
+        absolute indices kept, for forward_intermediates."""
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take
 
     @torch.no_grad()
     def get_attention_maps(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None):
         """Attention probabilities of chosen blocks: {block index: (B, heads, N, N)}.
 
-        Token order along both N axes: [cls] + patches (row-major h x w) + [registers];
-        the grid (h, w) is returned too: `maps, (h, w) = model.get_attention_maps(img)`.
+        Token order along both N axes: [cls] + [registers] + patches (row-major h x w), so the
+        patches are [:, :, :, model.num_prefix_tokens:]; the grid (h, w) is returned too:
+        `maps, (h, w) = model.get_attention_maps(img)`.
         """
         take, max_index = feature_take_indices(len(self.blocks), indices)
         x, grid, rope = self._embed(x)
@@ -586,6 +812,17 @@ class VisionTransformer5(nn.Module):
                 maps[i] = blk.attn.attention_probs(blk.norm1(x), rope)
             x = blk(x, rope)
         return maps, grid
+
+
+def check_img_size(img_size: Tuple[int, int], patch_size: int) -> None:
+    if img_size[0] % patch_size or img_size[1] % patch_size:
+        raise ValueError(f'img_size {img_size[0]}x{img_size[1]} is not divisible by the patch size {patch_size}')
+
+
+def check_global_pool(global_pool: str) -> str:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f'global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}')
+    return global_pool
 
 
 def _init_linear(m: nn.Module):
@@ -650,25 +887,28 @@ SIZES = dict(
     large=dict(embed_dim=1024, depth=24, num_heads=16),
     xlarge=dict(embed_dim=1152, depth=28, num_heads=16),
 )
+HF_HUB_ID = 'FengWang3211/ViT-5'  # the Hugging Face Hub repo holding the released files
 
 
-def _cfg(file: Optional[str] = None, input_size: int = 224, **kwargs) -> dict:
+def _cfg(hub_file: Optional[str] = None, input_size: int = 224, **kwargs) -> dict:
+    # fixed_input_size=True as for timm's ViTs: the tag's size becomes the default img_size (384 for
+    # *_384); the models still take other sizes (dynamic_img_size)
+    hub = dict(hf_hub_id=HF_HUB_ID, hf_hub_filename=hub_file) if hub_file else {}
     return dict(
-        file=file, num_classes=1000, input_size=(3, input_size, input_size), pool_size=None,
+        **hub, num_classes=1000, input_size=(3, input_size, input_size), pool_size=None,
         crop_pct=1.0, interpolation='bicubic', fixed_input_size=True,
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         first_conv='patch_embed.proj', classifier='head', license='apache-2.0', **kwargs)
 
 
-# Released files (local paths: pass `pretrained_cfg_overlay=dict(file=PATH)`). crop_pct 1.0 is the
-# released --eval-crop-ratio. Published top-1 in `notes`.
+# crop_pct 1.0 is the released --eval-crop-ratio. Published top-1 in `notes`.
 default_cfgs = generate_default_cfgs({
     'vit5_tiny.untrained': _cfg(),
     'vit5_small.in1k': _cfg('vit5_small_patch16_224.pth', notes=('ImageNet-1k top-1 82.2',)),
     'vit5_base.in1k': _cfg('vit5_base_patch16_224.pth', notes=('ImageNet-1k top-1 84.2',)),
     'vit5_base.in1k_384': _cfg('vit5_base_patch16_384.pth', input_size=384, notes=('ImageNet-1k top-1 85.4',)),
     'vit5_large.in1k': _cfg('vit5_large_patch16_224.pth', notes=('ImageNet-1k top-1 84.9',)),
-    'vit5_large.in1k_384': _cfg(input_size=384, notes=('ImageNet-1k top-1 86.0',)),  # not released yet
+    'vit5_large.in1k_384': _cfg('vit5_large_patch16_384.pth', input_size=384, notes=('ImageNet-1k top-1 86.0',)),
     'vit5_xlarge.untrained': _cfg(),
     'deit_small_patch16_LS.untrained': _cfg(),
     'deit_base_patch16_LS.untrained': _cfg(),
@@ -676,15 +916,54 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def released_cfg(name: str) -> Optional[dict]:
+    """The pretrained cfg of a released tag ('vit5_small.in1k', or 'vit5_small' for its default tag),
+    or None when `name` names no released file of ours."""
+    try:
+        cfg = get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:  # an unknown model name
+        return None
+    if cfg is None or cfg.hf_hub_id != HF_HUB_ID or not cfg.hf_hub_filename:
+        return None
+    return cfg.to_dict()
+
+
+def pretrained_file(name: str) -> str:
+    """A local checkpoint path for `name`: an existing file as it is, a released tag
+    ('vit5_small.in1k') through the Hugging Face cache (downloaded once when online, read from the
+    cache when HF_HUB_OFFLINE=1), anything else unchanged (the caller reports a missing file).
+
+    Raises FileNotFoundError, naming the tag, the repo and the file, when the file can be neither
+    found in the cache nor downloaded.
+    """
+    cfg = None if os.path.isfile(name) else released_cfg(name)
+    if cfg is None:
+        return name
+    from huggingface_hub import hf_hub_download  # a timm dependency; imported only for a tag
+    repo, file = cfg['hf_hub_id'], cfg['hf_hub_filename']
+    try:
+        return hf_hub_download(repo, file)
+    except OSError as err:  # offline and not cached, no network, repo or file gone
+        raise FileNotFoundError(
+            f'{name}: {file} of the Hugging Face Hub repo {repo} is not in the local cache and could not be '
+            f'downloaded ({type(err).__name__}); fetch it once with network access (e.g. `hf download {repo} '
+            f'{file}`), or pass the path of a copy') from None
+
+
 def _create(variant: str, size: str, pretrained: bool = False, base_kwargs: Optional[dict] = None, **kwargs):
     kwargs = {**SIZES[size], **(base_kwargs or {}), **kwargs}  # caller kwargs override the table
-    if pretrained:
-        # released files pickle an argparse.Namespace next to the weights: allow it, nothing else
-        import argparse
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return build_model_with_cfg(VisionTransformer5, variant, True,
-                                        pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
-    return build_model_with_cfg(VisionTransformer5, variant, False, **kwargs)
+    # features_only=True wraps the model in timm's FeatureGetterNet (forward_intermediates), as timm's ViTs
+    feature_cfg = dict(out_indices=kwargs.pop('out_indices', 3), feature_cls='getter')
+    if not pretrained:
+        return build_model_with_cfg(VisionTransformer5, variant, False, feature_cfg=feature_cfg, **kwargs)
+    # Released files pickle an argparse.Namespace next to the weights: allow it, nothing else. EMA
+    # weights when the file has them: timm's rule for checkpoint files, so a file read from the Hub
+    # and the same file given as pretrained_cfg_overlay=dict(file=...) load alike.
+    import argparse
+    from functools import partial
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return build_model_with_cfg(VisionTransformer5, variant, True, feature_cfg=feature_cfg,
+                                    pretrained_filter_fn=partial(checkpoint_filter_fn, use_ema=True), **kwargs)
 
 
 @register_model

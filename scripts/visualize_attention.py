@@ -75,10 +75,9 @@ def query_maps(probs, grid, num_registers: int):
     """(B, heads, N, N) attention -> (heads, 1 + R, h, w) maps of cls + registers over patches,
     and (heads, 1 + R) share of each query's attention that falls on patches."""
     h, w = grid
-    n_patch = h * w
-    queries = [0] + [1 + n_patch + r for r in range(num_registers)]  # token order: cls, patches, registers
-    rows = probs[0][:, queries]  # (heads, 1 + R, N)
-    on_patches = rows[..., 1:1 + n_patch]
+    prefix = 1 + num_registers  # token order: cls, registers, patches (the model's num_prefix_tokens)
+    rows = probs[0][:, :prefix]  # (heads, 1 + R, N): the queries of cls and of each register
+    on_patches = rows[..., prefix:]
     return on_patches.reshape(*on_patches.shape[:2], h, w), on_patches.sum(-1)
 
 

@@ -255,15 +255,17 @@ def test_rope_rotation_direction():
     torch.testing.assert_close(e1, torch.tensor([[-math.sin(.3), math.cos(.3)]]))
 
 
-def test_rope_tables_cls_untouched_registers_on_2x2_grid():
+def test_rope_tables_in_token_order_cls_registers_patches():
     model = small_model()
     cos, sin = model.rope_tables(4, 4, torch.float32)
-    assert cos.shape == (1 + 16 + 4, 32)
-    assert torch.equal(cos[0], torch.ones(32)) and torch.equal(sin[0], torch.zeros(32))
-    reg_ang = torch.atan2(sin[17:, 1], cos[17:, 1])  # odd channels carry +sin
+    assert cos.shape == (1 + 4 + 16, 32)
+    assert torch.equal(cos[0], torch.ones(32)) and torch.equal(sin[0], torch.zeros(32))  # cls: not rotated
+    angle = torch.atan2(sin[:, 1::2], cos[:, 1::2])  # one angle per channel pair; odd channels carry +sin
     f = model.blocks[0].attn.rope_reg.freqs
-    expected = ref_angles([(k // 2, k % 2) for k in range(4)], f.tolist())[:, 1].float()
-    torch.testing.assert_close(reg_ang, expected)
+    registers = ref_angles([(k // 2, k % 2) for k in range(4)], f.tolist())[:, 1::2].float()  # 2x2 grid
+    torch.testing.assert_close(angle[1:5], registers)
+    patches = model.blocks[0].attn.rope.angles(4, 4)[:, 1::2]
+    torch.testing.assert_close(angle[5:], torch.atan2(patches.sin(), patches.cos()))
 
 
 def test_rope_leaves_class_token_query_unchanged():
@@ -278,14 +280,14 @@ def test_rope_leaves_class_token_query_unchanged():
 
 def test_rope_cache_reused_and_rebuilt_after_load():
     model = small_model()
-    a = model.rope_tables(4, 4, torch.float32)
-    assert model.rope_tables(4, 4, torch.float32) is a
+    a = model.cached_rope_tables(4, 4, torch.float32)
+    assert model.cached_rope_tables(4, 4, torch.float32) is a
     sd = model.state_dict()
     for k in sd:
         if k.endswith('rope.freqs'):
             sd[k] = sd[k] * 2
     model.load_state_dict(sd)
-    b = model.rope_tables(4, 4, torch.float32)
+    b = model.cached_rope_tables(4, 4, torch.float32)
     assert b is not a and not torch.equal(a[0], b[0])
 
 
@@ -352,14 +354,14 @@ def test_forward_split_and_intermediates():
     x = torch.randn(2, 3, 96, 64)
     with torch.no_grad():
         feats = model.forward_features(x)
-        assert feats.shape == (2, 1 + 24 + 4, 64)
+        assert feats.shape == (2, 1 + 4 + 24, 64) and model.num_prefix_tokens == 5  # cls, registers, patches
         torch.testing.assert_close(model.forward_head(feats), model(x))
         assert torch.equal(model.forward_head(feats, pre_logits=True), feats[:, 0])
         final, inter = model.forward_intermediates(x, indices=[0, 1])
         torch.testing.assert_close(final, feats)
         assert [t.shape for t in inter] == [(2, 64, 6, 4)] * 2
         only = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)
-        torch.testing.assert_close(only[0].flatten(2).transpose(1, 2), feats[:, 1:25])
+        torch.testing.assert_close(only[0].flatten(2).transpose(1, 2), feats[:, model.num_prefix_tokens:])
         (maps, prefix), = model.forward_intermediates(x, indices=[1], return_prefix_tokens=True,
                                                       output_fmt='NLC', intermediates_only=True)
         assert maps.shape == (2, 24, 64) and prefix.shape == (2, 5, 64)
@@ -394,6 +396,162 @@ def test_no_graph_breaks_under_compile():
     model = small_model()
     explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 64, 64))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+# ---- token layout (timm's): [cls] + [registers] + row-major patches -------------------------------
+def test_token_layout_cls_registers_then_row_major_patches():
+    model = small_model(img_size=(64, 48), depth=0)  # no blocks: the tokens as embedded, then normed
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        conv = F.conv2d(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias, stride=16)  # (2, D, 4, 3)
+        R = model.num_registers
+        assert model.num_prefix_tokens == 1 + R == 5
+        torch.testing.assert_close(feats[:, 0], model.norm(model.cls_token[0, 0]).expand(2, -1))
+        torch.testing.assert_close(feats[:, 1:1 + R], model.norm(model.reg_token[0]).expand(2, -1, -1))
+        for r in range(4):
+            for c in range(3):
+                patch = conv[:, :, r, c] + model.pos_embed[0, r * 3 + c]
+                torch.testing.assert_close(feats[:, model.num_prefix_tokens + r * 3 + c], model.norm(patch))
+
+
+# ---- one dispatcher for the evaluation paths ------------------------------------------------------
+def test_eager_path_decision_table():
+    from models_vit5 import eager_path
+    assert eager_path('cpu', torch.float32, True) == 'cpu'  # CPU training: hand-written backward, complex RoPE
+    assert eager_path('cpu', torch.float32, False) == ''  # CPU inference: the plain ops tracers also see
+    assert eager_path('cpu', torch.bfloat16, True) == ''
+    assert eager_path('cuda', torch.bfloat16, False) == eager_path('cuda', torch.float32, True) == 'cuda'
+    assert eager_path('meta', torch.float32, True) == ''
+
+
+def test_fast_path_runs_in_eager_cpu_training_only_and_obeys_the_switch():
+    from models_vit5 import fast_path, rms_norm, set_fast_paths
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.ones(8, requires_grad=True)
+    assert fast_path(x) == 'cpu' and fast_path(x.detach()) == '' and fast_path(x.double()) == ''
+    assert type(rms_norm(x, w, 1e-6).grad_fn).__name__ == '_RMSNormCPUBackward'
+    cos, sin = torch.ones(8), torch.zeros(8)
+    flatten_of = apply_rope(x, cos, sin).grad_fn.next_functions[0][0]
+    assert type(flatten_of).__name__ == 'ViewAsRealBackward0'  # one complex multiply
+    with torch.no_grad():
+        assert fast_path(x) == ''
+    set_fast_paths(False)
+    try:
+        assert fast_path(x) == ''
+        assert type(rms_norm(x, w, 1e-6).grad_fn).__name__ == 'MulBackward0'  # the formula's last op
+        assert type(apply_rope(x, cos, sin).grad_fn).__name__ == 'AddcmulBackward0'
+    finally:
+        set_fast_paths(True)
+
+
+def test_fast_and_plain_paths_train_alike():
+    from models_vit5 import set_fast_paths
+    model = small_model().train()
+    x = torch.randn(2, 3, 64, 48)
+    runs = []
+    for fast in (True, False):
+        set_fast_paths(fast)
+        try:
+            model.zero_grad()
+            out = model(x)
+            out.square().sum().backward()
+        finally:
+            set_fast_paths(True)
+        runs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (out_fast, grads_fast), (out_plain, grads_plain) = runs
+    torch.testing.assert_close(out_fast, out_plain, atol=1e-5, rtol=1e-5)
+    for g_fast, g_plain in zip(grads_fast, grads_plain):
+        torch.testing.assert_close(g_fast, g_plain, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_runs_in_the_autocast_dtype(monkeypatch):
+    # the norm's float32 weight would leave q and k in float32 under autocast; they must join v
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', recording_sdpa)
+    model = small_model(img_size=32).train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(torch.randn(1, 3, 32, 32))
+    out.float().sum().backward()
+    assert seen == [(torch.bfloat16,) * 3] * len(model.blocks)
+    with torch.no_grad():
+        seen.clear()
+        model(torch.randn(1, 3, 32, 32))  # float32 stays float32
+    assert seen == [(torch.float32,) * 3] * len(model.blocks)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_rms_norm_is_fused_and_within_bf16_rounding():
+    from models_vit5 import fast_path, rms_norm
+    x = torch.randn(4, 16, 64, device='cuda')
+    w = torch.rand(64, device='cuda') + 0.5
+    assert fast_path(x) == 'cuda'
+    xf = x.float()
+    formula = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        y = rms_norm(x.bfloat16(), w, 1e-6)
+    torch.testing.assert_close(y.float(), formula, atol=0.05, rtol=0.02)
+
+
+# ---- timm's ViT contract --------------------------------------------------------------------------
+def test_head_hidden_size_reset_classifier_and_global_pool():
+    model = small_model()
+    x = torch.randn(2, 3, 64, 64)
+    prefix = model.num_prefix_tokens
+    assert model.head_hidden_size == model.num_features == 64
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        model.reset_classifier(0)
+        torch.testing.assert_close(model(x), feats[:, 0])  # no head: the pooled class token
+        model.reset_classifier(3, 'avg')
+        assert model.head.out_features == 3 and model.global_pool == 'avg'
+        torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats[:, prefix:].mean(1))
+        model.reset_classifier(0, 'max')
+        torch.testing.assert_close(model(x), feats[:, prefix:].amax(1))
+        model.reset_classifier(0, '')
+        torch.testing.assert_close(model(x), feats)
+    with pytest.raises(ValueError, match='global_pool'):
+        model.reset_classifier(0, 'map')
+    built = timm.create_model('vit5_tiny', depth=1, global_pool='avg', num_classes=0)
+    assert built.global_pool == 'avg' and built(torch.randn(1, 3, 32, 32)).shape == (1, 192)
+
+
+def test_dynamic_img_size_off_takes_only_the_build_size():
+    model = small_model(dynamic_img_size=False)
+    model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r'96x64 differs.*\(64x64\)'):
+        model(torch.randn(1, 3, 96, 64))
+
+
+def test_set_input_size_equals_a_build_at_that_size():
+    model = small_model()
+    built = small_model(img_size=(96, 64))
+    built.load_state_dict(checkpoint_filter_fn(model.state_dict(), built), strict=True)
+    model.set_input_size(img_size=(96, 64))
+    assert model.grid == (6, 4) and model.pos_embed.shape[1] == 24
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), built(x))
+    with pytest.raises(ValueError, match='not divisible'):
+        model.set_input_size(img_size=100)
+
+
+def test_prune_intermediate_layers_keeps_what_the_features_need():
+    model = small_model(depth=4)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+        assert model.prune_intermediate_layers([0, 2]) == [0, 2]
+        assert len(model.blocks) == 3 and isinstance(model.head, nn.Identity)
+        after = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b)
 
 
 # ---- checkpoints and the timm registry ----------------------------------------------------------
@@ -434,9 +592,11 @@ def test_timm_create_model_every_name_with_overrides(name):
 
 def test_pretrained_cfg_and_local_file_loading(tmp_path):
     src = timm.create_model('vit5_small', depth=2).eval()
-    assert src.pretrained_cfg['file'] == 'vit5_small_patch16_224.pth'
-    cfg = timm.create_model('vit5_base.in1k_384', pretrained=False, depth=1).pretrained_cfg
-    assert cfg['file'] == 'vit5_base_patch16_384.pth' and cfg['input_size'] == (3, 384, 384)
+    assert src.pretrained_cfg['hf_hub_filename'] == 'vit5_small_patch16_224.pth' and not src.pretrained_cfg.get('file')
+    model = timm.create_model('vit5_base.in1k_384', pretrained=False, depth=1)
+    cfg = model.pretrained_cfg
+    assert cfg['hf_hub_filename'] == 'vit5_base_patch16_384.pth' and cfg['input_size'] == (3, 384, 384)
+    assert model.grid == (24, 24)  # the tag's size is the default build size
     path = tmp_path / 'vit5_small_patch16_224.pth'
     torch.save({'model': src.state_dict(), 'args': argparse.Namespace(model='vit5_small'), 'epoch': 799}, path)
     loaded = timm.create_model('vit5_small', depth=2, pretrained=True,

@@ -306,3 +306,20 @@ def test_visualize_attention_random_init_per_head(image, tmp_path):
     with Image.open(out) as img:  # 2 heads x (image, cls)
         assert img.size == (2 * 200, 2 * 230)
     assert_one_line_error(run_inprocess(visualize_attention.main, image, *model, '--layers', '5'))
+
+
+def test_visualize_attention_reads_the_token_layout():
+    # the model's order: cls, registers, then the row-major patches (prefix = 1 + R tokens)
+    import visualize_attention
+    import models_vit5
+    model = models_vit5.VisionTransformer5(img_size=(16, 24), patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    maps, grid = model.get_attention_maps(torch.randn(1, 3, 16, 24))
+    assert grid == (2, 3) and maps[0].shape[-1] == model.num_prefix_tokens + 6
+    probs = torch.zeros(1, 2, 11, 11)
+    probs[0, :, 0, 5 + 1 * 3 + 2] = 1  # cls looks at the patch in row 1, column 2
+    probs[0, :, 3, 2] = 1  # register 2 looks at register 1 only
+    probs[0, :, 1, [0, 5]] = 0.5  # register 0: half on cls, half on the first patch
+    per_head, shares = visualize_attention.query_maps(probs, (2, 3), num_registers=4)
+    assert per_head.shape == (2, 5, 2, 3)
+    assert per_head[0, 0, 1, 2] == 1 and per_head[0, 0].sum() == 1
+    assert shares[0].tolist() == [1.0, 0.5, 0.0, 0.0, 0.0]
