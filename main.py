@@ -23,6 +23,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, ParseKwargs
 
+import gpu_augment
 import models_vit5
 import utils
 from datasets import DataError, build_dataset
@@ -143,6 +144,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--nb-classes', type=int, default=None, help='classifier size (default: from the data)')
     g.add_argument('--num_workers', type=int, default=10)
     g.add_argument('--pin-mem', action=bool_flag, default=True, help='pinned host memory (CUDA only)')
+    g.add_argument('--data-pipeline', default='auto', choices=('auto', 'cpu', 'gpu'),
+                   help='cpu: PIL augments in the DataLoader workers; gpu: the workers decode and crop, '
+                        'the device runs ThreeAugment (or the eval resize) on whole batches; '
+                        'auto: gpu on CUDA with --ThreeAugment, else cpu')
 
     g = p.add_argument_group('runtime')
     g.add_argument('--output_dir', default='', help='checkpoints and logs go here (nothing saved if empty)')
@@ -201,27 +206,50 @@ def resolve_device(args):
 
 
 # ---- data ----------------------------------------------------------------------------------------
+def data_pipeline(args, device) -> str:
+    """'cpu' or 'gpu': where --data-pipeline (auto included) puts the augmentation."""
+    if args.data_pipeline == 'auto':
+        return 'gpu' if device.type == 'cuda' and args.ThreeAugment else 'cpu'
+    if args.data_pipeline == 'gpu' and not (args.ThreeAugment or args.eval):
+        raise ConfigError('--data-pipeline gpu trains with the ThreeAugment recipe only: add --ThreeAugment, '
+                          'or use --data-pipeline cpu for the RandAugment recipe')
+    return args.data_pipeline
+
+
 def build_loaders(args, device):
-    """(train loader or None under --eval, val loader, number of val images, number of classes)."""
+    """(train loader or None under --eval, val loader, number of val images, number of classes).
+
+    With the gpu pipeline the workers ship cropped uint8 pixels and a DeviceLoader finishes each
+    batch on `device`; either way the loaders yield (images, targets) ready for the model.
+    """
     world, rank = utils.get_world_size(), utils.get_rank()
     pin = args.pin_mem and device.type == 'cuda'
-    dataset_val, nb_classes = build_dataset(False, args)
+    gpu = data_pipeline(args, device) == 'gpu'
+    print(f'Data pipeline: {"gpu (augmentation on " + str(device) + ")" if gpu else "cpu"}')
+
+    def make_loader(dataset, **kw):
+        loader = torch.utils.data.DataLoader(dataset, num_workers=args.num_workers, pin_memory=pin,
+                                             collate_fn=gpu_augment.collate if gpu else None, **kw)
+        return gpu_augment.DeviceLoader(loader, gpu_augment.DeviceAugment(args.input_size), device) if gpu else loader
+
+    def dataset(is_train):
+        return build_dataset(is_train, args, gpu_augment.worker_transform(is_train, args) if gpu else None)
+
+    dataset_val, nb_classes = dataset(False)
     val_set = dataset_val
     if args.distributed and args.dist_eval:
         val_set = torch.utils.data.Subset(dataset_val, range(rank, len(dataset_val), world))  # no padding
-    loader_val = torch.utils.data.DataLoader(val_set, batch_size=int(1.5 * args.batch_size), shuffle=False,
-                                             num_workers=args.num_workers, pin_memory=pin)
+    loader_val = make_loader(val_set, batch_size=int(1.5 * args.batch_size), shuffle=False)
     if args.eval:
         return None, loader_val, len(dataset_val), nb_classes
 
-    dataset_train, nb_classes = build_dataset(True, args)
+    dataset_train, nb_classes = dataset(True)
     if args.repeated_aug:
         sampler = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     else:  # DistributedSampler with one replica is a seeded, epoch-dependent shuffle
         sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world, rank=rank,
                                                       shuffle=True, seed=args.seed)
-    loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size,
-                                               num_workers=args.num_workers, pin_memory=pin, drop_last=True)
+    loader_train = make_loader(dataset_train, sampler=sampler, batch_size=args.batch_size, drop_last=True)
     if len(loader_train) == 0:
         raise ConfigError(f'{args.data_path}: {len(sampler)} training images per process make no full batch '
                           f'of --batch-size {args.batch_size}')

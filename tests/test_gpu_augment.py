@@ -335,3 +335,62 @@ def test_device_loader_on_cuda_matches_cpu(photos):
     for (a, ta), (b, tb) in zip(cpu, cuda):
         assert b.is_cuda and torch.equal(ta, tb.cpu())
         assert (levels(a) - levels(b.cpu())).abs().max() <= 2.01
+
+
+# ---- main.py ---------------------------------------------------------------------------------------
+def test_data_pipeline_choice():
+    import main
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')  # a device object: no CUDA needed to ask
+    assert main.data_pipeline(parse(['--ThreeAugment']), cuda) == 'gpu'  # auto: the pretraining recipe on CUDA
+    assert main.data_pipeline(parse(['--ThreeAugment']), cpu) == 'cpu'
+    assert main.data_pipeline(parse([]), cuda) == 'cpu'  # RandAugment fine-tuning
+    assert main.data_pipeline(parse(['--ThreeAugment', '--data-pipeline', 'cpu']), cuda) == 'cpu'
+    assert main.data_pipeline(parse(['--eval', '--data-pipeline', 'gpu']), cpu) == 'gpu'
+    with pytest.raises(main.ConfigError, match='--ThreeAugment'):
+        main.data_pipeline(parse(['--data-pipeline', 'gpu']), cpu)
+
+
+def test_gpu_pipeline_without_threeaugment_is_a_one_line_error(tmp_path, capsys):
+    import main
+    from tinyrun import TINY, make_image_folder
+    rc = main.cli([str(a) for a in TINY + ['--data-path', make_image_folder(tmp_path), '--data-pipeline', 'gpu']])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith('error: ') and err.count('\n') == 1 and '--ThreeAugment' in err
+
+
+@pytest.mark.parametrize('kind', ['digits', 'photos'])
+def test_eval_top1_is_the_cpu_paths(kind, tmp_path):
+    """main.py's val loaders, cpu and gpu, under one model: the same top-1 on real images (digits
+    upscaled to 64 px PNGs at 48; photo crops of 200..500 px, JPEG / grayscale / CMYK / PNG, at 64)."""
+    import sys
+
+    import main
+    from engine import evaluate
+    from tinyrun import REPO, one_thread
+    sys.path.insert(0, str(REPO / 'scripts'))
+    import make_photo_folder
+    import prepare_digits
+    root = tmp_path / kind
+    if kind == 'digits':
+        prepare_digits.main(['--out', str(root), '--size', '64'])
+        size, classes = 48, 10
+    else:
+        make_photo_folder.main(['--out', str(root), '--train', '4', '--val', '60', '--odd', '0.2'])
+        size, classes = 64, 4
+    torch.manual_seed(0)
+    # a random convolution sees every pixel (an untrained ViT's class token barely depends on the image)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.GELU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * (size // 4) ** 2, classes)).eval()
+    cpu = torch.device('cpu')
+    results = {}
+    with one_thread(), torch.no_grad():
+        for pipeline in ('cpu', 'gpu'):
+            args = parse(['--data-set', 'FOLDER', '--data-path', root, '--input-size', size, '--eval',
+                          '--num_workers', 0, '--batch', 32, '--device', 'cpu', '--data-pipeline', pipeline])
+            _, loader, n, _ = main.build_loaders(args, cpu)
+            logits = torch.cat([model(x) for x, _ in loader])
+            results[pipeline] = logits, evaluate(loader, model, cpu)
+    (a, stats_a), (b, stats_b) = results['cpu'], results['gpu']
+    assert len(a.argmax(1).unique()) > 1  # the model tells images apart
+    assert stats_a['n'] == stats_b['n'] == n and stats_a['acc1'] == stats_b['acc1']
+    assert (a.argmax(1) == b.argmax(1)).all() and (a - b).abs().max() < 0.05
