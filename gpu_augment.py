@@ -290,28 +290,25 @@ class DeviceAugment:
     """(pixels (B, 3, H, W) uint8 on the device, params (B, NUM_PARAMS) on the CPU) -> (B, 3, S, S) float32,
     normalised: the device half of the recipe (or of evaluation: the params say which).
 
-    What depends on the parameters' values (groups, kernel widths, who blurs) is decided on the
-    host from the CPU copy, so nothing waits for the device.
+    What depends on the parameters' values (pass-order groups, kernel widths, who blurs) is decided
+    on the host from the CPU copy, so nothing waits for the device. With `compile`, the pixel-wise
+    rest (grayscale, solarize, jitter, normalisation: some 40 elementwise passes over the batch in
+    eager mode) is fused by torch.compile; the function it compiles is the plain one below.
     """
 
-    def __init__(self, input_size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    def __init__(self, input_size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, compile: bool = False):
         self.size = input_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.finish = torch.compile(finish, dynamic=None) if compile else finish
 
     def __call__(self, pixels: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         device, host = pixels.device, params.numpy()
         p = params.to(device, non_blocking=True)
         x = self.geometry(pixels, p, host)
-        op = p[:, OP, None, None, None]
-        if (host[:, OP] == GRAY).any():
-            x = torch.where(op == GRAY, pil_gray(x).expand_as(x), x)
-        if (host[:, OP] == SOLARIZE).any():
-            x = torch.where((op == SOLARIZE) & (x >= 128), 255 - x, x)
-        if (host[:, FN0:FN2 + 1] >= 0).any():
-            x = color_jitter(x, p[:, FN0:FN2 + 1], p[:, F0:F2 + 1].float())
-        # ToTensor + Normalize, the same float32 operations
-        return x.div_(255).sub_(self.mean.to(device)).div_(self.std.to(device))
+        return self.finish(x, p[:, OP], p[:, FN0:FN2 + 1], p[:, F0:F2 + 1].float(), self.mean.to(device),
+                           self.std.to(device), one_of=bool((host[:, OP] >= 0).any()),
+                           jitter=bool((host[:, FN0:FN2 + 1] >= 0).any()))
 
     def geometry(self, pixels: torch.Tensor, p: torch.Tensor, host: np.ndarray) -> torch.Tensor:
         """Crop window, resize, flip and blur of every sample, in one group per PIL pass order."""
@@ -350,6 +347,19 @@ class DeviceAugment:
 def _taps(scale: np.ndarray) -> int:
     """PIL's largest bicubic window (ksize) for these input/output ratios."""
     return int(math.ceil(2.0 * max(float(scale.max()), 1.0))) * 2 + 1
+
+
+def finish(x, op, steps, factors, mean, std, one_of: bool, jitter: bool) -> torch.Tensor:
+    """Resized (B, 3, S, S) integer-valued pixels -> the model's input: the one-of choice's grayscale
+    or solarize (op (B,); blur was folded into the resize), colour jitter when `jitter`, then
+    ToTensor + Normalize as the same float32 operations."""
+    if one_of:
+        op = op[:, None, None, None]
+        x = torch.where(op == GRAY, pil_gray(x).expand_as(x), x)
+        x = torch.where((op == SOLARIZE) & (x >= 128), 255 - x, x)  # PIL's solarize at 128
+    if jitter:
+        x = color_jitter(x, steps, factors)
+    return x.div(255).sub_(mean).div_(std)
 
 
 def _reflect(index: torch.Tensor, n: torch.Tensor) -> torch.Tensor:

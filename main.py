@@ -59,7 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--drop', type=float, default=0.0, help='dropout before the head')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate (same in every block)')
     g.add_argument('--flash', action=bool_flag, default=False, help='flash-attn backend (needs flash-attn)')
-    g.add_argument('--compile', action='store_true', help='torch.compile the training model')
+    g.add_argument('--compile', action='store_true',
+                   help="torch.compile the training model (and the gpu data pipeline's pixel-wise steps)")
     g.add_argument('--model-ema', action=bool_flag, default=True, help='keep an EMA of the weights')
     g.add_argument('--model-ema-decay', type=float, default=0.99996, help='EMA decay per optimizer step')
     g.add_argument('--model-ema-force-cpu', action='store_true',
@@ -230,7 +231,9 @@ def build_loaders(args, device):
     def make_loader(dataset, **kw):
         loader = torch.utils.data.DataLoader(dataset, num_workers=args.num_workers, pin_memory=pin,
                                              collate_fn=gpu_augment.collate if gpu else None, **kw)
-        return gpu_augment.DeviceLoader(loader, gpu_augment.DeviceAugment(args.input_size), device) if gpu else loader
+        if not gpu:
+            return loader
+        return gpu_augment.DeviceLoader(loader, gpu_augment.DeviceAugment(args.input_size, compile=args.compile), device)
 
     def dataset(is_train):
         return build_dataset(is_train, args, gpu_augment.worker_transform(is_train, args) if gpu else None)

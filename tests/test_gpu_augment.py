@@ -222,6 +222,20 @@ def test_worker_reduce_bounds_the_pixels_and_stays_close(photos):
     assert (a - b).abs().mean() < 0.5 and (a - b).abs().max() <= 8
 
 
+def test_compiled_pixelwise_steps_equal_eager():
+    """--compile fuses grayscale, solarize, jitter and normalisation; the result stays the same."""
+    torch.manual_seed(0)
+    n = 6
+    x = torch.randint(0, 256, (n, 3, 16, 16)).float()
+    op = torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.float64)
+    steps = torch.stack([torch.randperm(3) for _ in range(n)]).double()
+    factors = torch.empty(n, 3).uniform_(0.7, 1.3)
+    aug = ga.DeviceAugment(16, compile=True)
+    args = (op, steps, factors, aug.mean, aug.std)
+    want = ga.finish(x.clone(), *args, one_of=True, jitter=True)
+    assert (aug.finish(x.clone(), *args, one_of=True, jitter=True) - want).abs().max() < 1e-5
+
+
 # ---- the parameters follow the CPU path's laws ---------------------------------------------------
 def test_crop_area_and_ratio_follow_random_resized_crop():
     """Area fraction and log aspect ratio against torchvision's sampler (two-sample KS tests), and
