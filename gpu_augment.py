@@ -3,10 +3,11 @@
 The work is split where it is cheapest. DataLoader workers decode with PIL (any format, CMYK and
 grayscale JPEGs included, exactly as the CPU path reads them), draw each image's random
 parameters from their seeded torch generator in the order the CPU path draws them, cut the random
-crop out at source resolution and ship its uint8 pixels with one row of parameters. The device
+crop out at source resolution and ship its uint8 pixels with one row of parameters; a batch
+travels as the crops' pixel rows stacked (each row padded to the widest crop only). The device
 then, for the whole batch at once:
 
-    crop pixels (B, 3, H, W) uint8, zero-padded to the largest in the batch
+    crop pixels (B, H, W, 3) uint8, gathered from those rows, zero-padded to the largest crop
       -> bicubic resize to (S, S), flip and Gaussian blur: two batched matmuls with per-sample
          weight matrices (PIL's bicubic coefficients, the flip and the blur folded in)
       -> grayscale | solarize, colour jitter in the sample's order, ToTensor + Normalize.
@@ -22,10 +23,9 @@ import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
-from torchvision.transforms.functional import pil_to_tensor
 
 # One float64 row of per-sample parameters travels with the pixels (integers are exact in float64):
-#   IN_H, IN_W    pixels shipped (the rest of the padded batch is zeros)
+#   IN_H, IN_W    size of the pixels shipped
 #   SRC_H, SRC_W  size of the region they show, at source resolution (the CPU path resizes this)
 #   RED_H, RED_W  integer factors the worker shrank the region by (1: not reduced)
 #   OUT_H, OUT_W  size of the whole resized grid (S x S for a random-resized crop, else the resized image)
@@ -72,7 +72,7 @@ def _ship(img, box, out_h: int, out_w: int, gap, params: list):
     params[SRC_H], params[SRC_W] = lower - upper, right - left
     params[RED_H], params[RED_W] = fy, fx
     params[OUT_H], params[OUT_W] = out_h, out_w
-    return pil_to_tensor(region)  # (3, h, w) uint8
+    return np.asarray(region)  # (h, w, 3) uint8, PIL's own layout: rows copy fast into the batch
 
 
 def _new_params():
@@ -85,7 +85,7 @@ def _new_params():
 
 
 class ThreeAugmentDraw:
-    """Worker half of the ThreeAugment recipe: PIL image -> (crop pixels uint8 (3, h, w), params (NUM_PARAMS,)).
+    """Worker half of the ThreeAugment recipe: PIL RGB image -> (crop pixels (h, w, 3) uint8, params (NUM_PARAMS,)).
 
     Draws from torch's global generator (seeded per DataLoader worker, restored on resume), in the
     CPU path's order: crop box (torchvision's own RandomResizedCrop.get_params, so the same area
@@ -123,8 +123,7 @@ class ThreeAugmentDraw:
             steps = [k for k in order.tolist() if k != 3]  # 3 is hue, which the recipe leaves off
             p[FN0:FN2 + 1] = steps
             p[F0:F2 + 1] = [factors[k] for k in steps]
-        pixels = _ship(img, box, out_h, out_w, self.gap, p)
-        return pixels, torch.tensor(p, dtype=torch.float64)
+        return _ship(img, box, out_h, out_w, self.gap, p), np.array(p)
 
 
 class EvalResizeDraw:
@@ -142,19 +141,25 @@ class EvalResizeDraw:
         out_h, out_w = (img.height, img.width) if s <= 32 else resized_size(img.height, img.width, self.short)
         # torchvision CenterCrop: round((n - S) / 2) (Python's round), or zero padding when n < S
         p[TOP], p[LEFT] = [int(round((n - s) / 2.0)) if n >= s else -((s - n) // 2) for n in (out_h, out_w)]
-        pixels = _ship(img, (0, 0, img.width, img.height), out_h, out_w, self.gap, p)
-        return pixels, torch.tensor(p, dtype=torch.float64)
+        return _ship(img, (0, 0, img.width, img.height), out_h, out_w, self.gap, p), np.array(p)
 
 
 def collate(batch):
-    """[((pixels, params), target)] -> (pixels (B, 3, H, W) uint8 zero-padded, params (B, NUM_PARAMS), targets (B,))."""
+    """[((pixels (h, w, 3), params), target)] -> (rows (sum of h + 1, widest w, 3) uint8, params (B, NUM_PARAMS)
+    float64, targets (B,)): the workers' batch.
+
+    Every crop's rows, one after the other, padded to the widest crop, and a last black row (for
+    padding on the device). Padding each crop to the batch's largest instead would ship several
+    times the bytes, and each byte costs twice on the host (shared memory, then pinned memory).
+    """
     samples, targets = zip(*batch)
     pixels, params = zip(*samples)
-    height, width = max(p.shape[1] for p in pixels), max(p.shape[2] for p in pixels)
-    out = torch.zeros(len(pixels), 3, height, width, dtype=torch.uint8)
-    for dst, src in zip(out, pixels):
-        dst[:, :src.shape[1], :src.shape[2]] = src
-    return out, torch.stack(params), torch.as_tensor(targets)
+    rows = np.zeros((sum(p.shape[0] for p in pixels) + 1, max(p.shape[1] for p in pixels), 3), np.uint8)
+    start = 0
+    for src in pixels:
+        rows[start:start + src.shape[0], :src.shape[1]] = src
+        start += src.shape[0]
+    return torch.from_numpy(rows), torch.from_numpy(np.stack(params)), torch.as_tensor(targets)
 
 
 # ---- device side: geometry ------------------------------------------------------------------------
@@ -197,8 +202,9 @@ def pil_round(x: torch.Tensor) -> torch.Tensor:
 
 
 def resample(pixels: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor, vertical_first: bool) -> torch.Tensor:
-    """(n, 3, H, W) uint8 -> (n, 3, S, S) float, integer-valued: two batched matmuls, rounded like PIL's passes."""
-    x = pixels.float()
+    """(n, H, W, 3) uint8 -> (n, 3, S, S) float, integer-valued: two batched matmuls, rounded like PIL's passes."""
+    n, height, width, _ = pixels.shape
+    x = torch.empty(n, 3, height, width, device=pixels.device).copy_(pixels.permute(0, 3, 1, 2))
     wx_t = wx.transpose(1, 2)[:, None]  # (n, 1, W, S)
     wy = wy[:, None]  # (n, 1, S, H)
     if vertical_first:
@@ -287,8 +293,8 @@ def color_jitter(x: torch.Tensor, steps: torch.Tensor, factors: torch.Tensor) ->
 
 # ---- the device stage and the loader around it ----------------------------------------------------
 class DeviceAugment:
-    """(pixels (B, 3, H, W) uint8 on the device, params (B, NUM_PARAMS) on the CPU) -> (B, 3, S, S) float32,
-    normalised: the device half of the recipe (or of evaluation: the params say which).
+    """(rows uint8 on the device, params (B, NUM_PARAMS) on the CPU), as collate makes them, -> (B, 3, S, S)
+    float32, normalised: the device half of the recipe (or of evaluation: the params say which).
 
     What depends on the parameters' values (pass-order groups, kernel widths, who blurs) is decided
     on the host from the CPU copy, so nothing waits for the device. With `compile`, the pixel-wise
@@ -302,23 +308,24 @@ class DeviceAugment:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.finish = torch.compile(finish, dynamic=None) if compile else finish
 
-    def __call__(self, pixels: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        device, host = pixels.device, params.numpy()
+    def __call__(self, rows: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        device, host = rows.device, params.numpy()
         p = params.to(device, non_blocking=True)
-        x = self.geometry(pixels, p, host)
+        x = self.geometry(rows, p, host)
         return self.finish(x, p[:, OP], p[:, FN0:FN2 + 1], p[:, F0:F2 + 1].float(), self.mean.to(device),
                            self.std.to(device), one_of=bool((host[:, OP] >= 0).any()),
                            jitter=bool((host[:, FN0:FN2 + 1] >= 0).any()))
 
-    def geometry(self, pixels: torch.Tensor, p: torch.Tensor, host: np.ndarray) -> torch.Tensor:
+    def geometry(self, rows: torch.Tensor, p: torch.Tensor, host: np.ndarray) -> torch.Tensor:
         """Crop window, resize, flip and blur of every sample, in one group per PIL pass order."""
-        s, device = self.size, pixels.device
+        s, device = self.size, rows.device
         steps = torch.arange(s, dtype=torch.float64, device=device)
-        rows = p[:, TOP, None] + steps  # (B, S) rows of the resized grid
+        first_row = p[:, IN_H].cumsum(0) - p[:, IN_H]  # where each crop's rows start
+        grid_y = p[:, TOP, None] + steps  # (B, S): which rows of the resized grid the output shows
         flip = p[:, FLIP, None] > 0
-        cols = p[:, LEFT, None] + torch.where(flip, s - 1 - steps, steps)  # a flip reads the window backwards
-        rows, cols = (torch.where(p[:, REFLECT, None] > 0, _reflect(idx, p[:, n, None]), idx)
-                      for idx, n in ((rows, OUT_H), (cols, OUT_W)))
+        grid_x = p[:, LEFT, None] + torch.where(flip, s - 1 - steps, steps)  # a flip reads the window backwards
+        grid_y, grid_x = (torch.where(p[:, REFLECT, None] > 0, _reflect(idx, p[:, n, None]), idx)
+                          for idx, n in ((grid_y, OUT_H), (grid_x, OUT_W)))
         order = vertical_first(host[:, SRC_H], host[:, SRC_W], host[:, OUT_H], host[:, OUT_W])
         out = torch.empty(len(host), 3, s, s, device=device)
         for first in (False, True):
@@ -329,18 +336,22 @@ class DeviceAugment:
             height, width = int(g[:, IN_H].max()), int(g[:, IN_W].max())
             idx = torch.from_numpy(group).to(device)
             q = p[idx]
-            wy = resample_matrix(q[:, IN_H], q[:, SRC_H] / q[:, RED_H], q[:, OUT_H], rows[idx], height,
+            wy = resample_matrix(q[:, IN_H], q[:, SRC_H] / q[:, RED_H], q[:, OUT_H], grid_y[idx], height,
                                  _taps(g[:, SRC_H] / g[:, RED_H] / g[:, OUT_H]))
-            wx = resample_matrix(q[:, IN_W], q[:, SRC_W] / q[:, RED_W], q[:, OUT_W], cols[idx], width,
+            wx = resample_matrix(q[:, IN_W], q[:, SRC_W] / q[:, RED_W], q[:, OUT_W], grid_x[idx], width,
                                  _taps(g[:, SRC_W] / g[:, RED_W] / g[:, OUT_W]))
             blurred = np.flatnonzero(g[:, OP] == BLUR)
             if len(blurred):  # blur after resize and flip = blur matrix times the resize matrix
                 b = torch.from_numpy(blurred).to(device)
                 kernel = blur_matrix(g[blurred, RADIUS], s, device)
                 wy[b], wx[b] = kernel @ wy[b], kernel @ wx[b]
-            if len(group) == len(host):  # one group: no gather, no scatter
-                return resample(pixels[:, :, :height, :width], wy, wx, first)
-            out[idx] = resample(pixels[idx, :, :height, :width], wy, wx, first)
+            # (n, height, width, 3): each crop's rows, then the black last row
+            y = torch.arange(height, dtype=torch.float64, device=device)
+            take = torch.where(y < q[:, IN_H, None], first_row[idx, None] + y, len(rows) - 1).long()
+            x = resample(rows[:, :width][take], wy, wx, first)
+            if len(group) == len(host):
+                return x
+            out[idx] = x
         return out
 
 

@@ -9,9 +9,10 @@ Three measurements, each optional:
             read), decode + the CPU path's ThreeAugment recipe, decode + its eval transform, decode +
             the gpu pipeline's worker half (draw, crop, uint8 pixels; train and eval), and the gpu
             pipeline's device half on --device (per image, whole batches).
-  loaders   the training loader alone, CPU path and gpu path, at each --workers count: batches of
-            --batch-size drawn at random (with replacement) from DATA/train; the gpu path's batches
-            are ready, normalised, on --device when timed.
+  loaders   the training loader alone at each --workers count, batches of --batch-size drawn at
+            random (with replacement) from DATA/train: the CPU path; the gpu path's workers alone
+            (batches of crop pixels as they reach the main process); the gpu path end to end
+            (batches ready, normalised, on --device).
   training  with --model: training steps (bf16 autocast on CUDA, mixup/cutmix, BCE, LAMB) fed by
             one synthetic batch kept on the device, then by each loader; img/s and the ratio to synthetic.
 Files are read through the page cache (run once to warm it): the numbers are CPU and device costs.
@@ -102,42 +103,41 @@ def synchronize(device):
 
 
 def make_loader(args, pipeline: str, workers: int, device, batches: int):
-    """The training loader of main.py's `pipeline` over DATA/train, drawing batches * batch_size images."""
+    """The training loader of main.py's `pipeline` over DATA/train, drawing batches * batch_size images;
+    'gpu_workers': the gpu pipeline's DataLoader without the device half."""
     import gpu_augment
     from datasets import ImageFolderDataset, build_transform
     settings = recipe_args(args)
-    gpu = pipeline == 'gpu'
+    gpu = pipeline in ('gpu', 'gpu_workers')
     transform = gpu_augment.worker_transform(True, settings) if gpu else build_transform(True, settings)
     dataset = ImageFolderDataset(str(Path(args.data) / 'train'), transform)
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batches * args.batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
                                          pin_memory=device.type == 'cuda', drop_last=True,
                                          collate_fn=gpu_augment.collate if gpu else None)
-    if gpu:
+    if pipeline == 'gpu':
         return gpu_augment.DeviceLoader(loader, gpu_augment.DeviceAugment(args.input_size, compile=args.compile), device)
     return loader
 
 
 def time_loader(loader, warmup: int, device, step=None) -> float:
-    """img/s over the batches after the first `warmup` (each moved to `device`, then `step` if given)."""
+    """img/s over the batches after the first `warmup` (each given to `step` if any)."""
     n, start = 0, None
-    for i, (images, targets) in enumerate(loader):
+    for i, (images, *_, targets) in enumerate(loader):  # gpu_workers: (rows, params, targets)
         if i == warmup:
             synchronize(device)
             start = time.perf_counter()
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
         if step is not None:
             step(images, targets)
         if i >= warmup:
-            n += len(images)
+            n += len(targets)
     synchronize(device)
     return n / (time.perf_counter() - start)
 
 
 def loaders(args, device) -> dict:
     out = {}
-    for pipeline in ('cpu', 'gpu'):
+    for pipeline in ('cpu', 'gpu_workers', 'gpu'):
         out[pipeline] = {}
         for workers in args.workers:
             loader = make_loader(args, pipeline, workers, device, args.warmup + args.batches)
@@ -162,8 +162,8 @@ def training(args, device, classes: int) -> dict:
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=classes)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
-    def step(images, targets):
-        images, targets = mixup(images, targets)
+    def step(images, targets):  # as engine.train_one_epoch does it
+        images, targets = mixup(images.to(device, non_blocking=True), targets.to(device, non_blocking=True))
         with torch.autocast(**amp):
             loss = torch.nn.functional.binary_cross_entropy_with_logits(run(images).float(), targets)
         optimizer.zero_grad(set_to_none=True)
