@@ -8,7 +8,8 @@ Three measurements, each optional:
   per core  one process, one thread, the stages of one image: decode alone (PIL, as the loaders
             read), decode + the CPU path's ThreeAugment recipe, decode + its eval transform, decode +
             the gpu pipeline's worker half (draw, crop, uint8 pixels; train and eval), and the gpu
-            pipeline's device half on --device (per image, whole batches).
+            pipeline's device half on --device (per image, whole batches); also the KB per image a
+            batch carries from the workers on each path and the device half's matmul GFLOPs per image.
   loaders   the training loader alone at each --workers count, batches of --batch-size drawn at
             random (with replacement) from DATA/train: the CPU path; the gpu path's workers alone
             (batches of crop pixels as they reach the main process); the gpu path end to end
@@ -43,6 +44,7 @@ def get_args_parser():
     p.add_argument('--model', default=None, help='also time training steps of this timm model (e.g. vit5_small)')
     p.add_argument('--compile', action='store_true',
                    help="torch.compile the gpu pipeline's pixel-wise steps (as main.py --compile does) and the model")
+    p.add_argument('--seed', type=int, default=0, help='seed of the random crops and parameters')
     p.add_argument('--json', default=None, help='also write the results to this file')
     return p
 
@@ -65,9 +67,10 @@ def recipe_args(args):
                                               '--eval-crop-ratio', '1.0'])
 
 
-def per_core(args, files, device) -> dict:
-    """img/s of each stage on one thread of this process (each stage decodes too). Stages alternate
-    within a round, so load from other processes hits them alike; the median round is reported."""
+def per_core(args, files, device):
+    """img/s of each stage on one thread of this process (each stage decodes too), and its speed
+    relative to the CPU path's recipe. Stages alternate within a round, so load from other processes
+    hits them alike; medians over rounds (of the rates, and of the per-round ratios) are reported."""
     import gpu_augment
     from datasets import build_transform, load_image
     settings = recipe_args(args)
@@ -94,7 +97,18 @@ def per_core(args, files, device) -> dict:
         augment(pixels, params)
         synchronize(device)
         rounds['device_stage'].append(len(params) / (time.perf_counter() - start))
-    return {name: statistics.median(r) for name, r in rounds.items()}
+    # what a batch costs besides time: bytes per image from the workers, matmul GFLOPs per image on the device
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        augment(pixels, params)
+    cost = dict(cpu_kb_per_img=3 * args.input_size ** 2 * 4 / 1024,  # float32 (3, S, S)
+                gpu_kb_per_img=batch[0].numel() / len(params) / 1024,
+                device_gflop_per_img=counter.get_total_flops() / len(params) / 1e9)
+    rates = {name: statistics.median(r) for name, r in rounds.items()}
+    rates.update({f'{name}_vs_cpu_recipe': statistics.median(a / b for a, b in zip(rounds[name], rounds['cpu_recipe']))
+                  for name in ('gpu_worker', 'gpu_worker_eval')})
+    return rates, cost
 
 
 def synchronize(device):
@@ -200,13 +214,14 @@ def main(argv=None):
     if device.type == 'cuda' and not torch.cuda.is_available():
         fail('--device cuda asked for, but CUDA is not available')
     threads = torch.get_num_threads()
+    torch.manual_seed(args.seed)
     torch.set_num_threads(1)  # per core; DataLoader workers run one thread each anyway
     result = dict(config=dict(data=args.data, images=len(files), input_size=args.input_size,
                               batch_size=args.batch_size, device=str(device), torch=torch.__version__,
                               torchvision=torchvision.__version__, timm=timm.__version__, cpu_threads=threads,
                               model=args.model, compile=args.compile))
     if 'per_core' not in args.skip:
-        result['per_core'] = per_core(args, files, device)
+        result['per_core'], result['batch_cost'] = per_core(args, files, device)
     if 'loaders' not in args.skip:
         result['loaders'] = loaders(args, device)
     if args.model:
@@ -223,7 +238,9 @@ def print_table(result: dict):
     print(f"{cfg['images']} images in {cfg['data']}, {cfg['input_size']} px, batch {cfg['batch_size']}, "
           f"device {cfg['device']}, torch {cfg['torch']}")
     for name, rate in result.get('per_core', {}).items():
-        print(f'  per core  {name:<16} {rate:10.1f} img/s')
+        print(f'  per core  {name:<16} {rate:10.1f} img/s' if 'vs' not in name else f'  per core  {name:<28} {rate:.2f}x')
+    for name, value in result.get('batch_cost', {}).items():
+        print(f'  batch     {name:<22} {value:8.2f}')
     for pipeline, rates in result.get('loaders', {}).items():
         print(f'  loader    {pipeline:<16} ' + '  '.join(f'{w} workers: {r:.1f}' for w, r in rates.items()) + ' img/s')
     train = result.get('training')

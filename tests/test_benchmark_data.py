@@ -30,8 +30,10 @@ def test_all_measurements_as_a_command(photos, tmp_path):
     cfg = res['config']
     assert (cfg['images'], cfg['input_size'], cfg['batch_size'], cfg['device']) == (12, 32, 4, 'cpu')
     assert set(res['per_core']) == {'decode', 'cpu_recipe', 'cpu_eval', 'gpu_worker', 'gpu_worker_eval',
-                                    'device_stage'}
+                                    'device_stage', 'gpu_worker_vs_cpu_recipe', 'gpu_worker_eval_vs_cpu_recipe'}
     assert all(v > 0 for v in res['per_core'].values())
+    cost = res['batch_cost']
+    assert cost['cpu_kb_per_img'] == 12.0 and 0 < cost['gpu_kb_per_img'] < 30 and cost['device_gflop_per_img'] > 0
     assert {p: set(r) for p, r in res['loaders'].items()} == dict.fromkeys(('cpu', 'gpu_workers', 'gpu'), {'0', '1'})
     assert all(v > 0 for r in res['loaders'].values() for v in r.values())
     train = res['training']
