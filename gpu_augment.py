@@ -16,6 +16,11 @@ Every step follows PIL's integer arithmetic (the CPU path is PIL), so for the sa
 pixels match the CPU path: resize within one grey level (float32 matmul instead of PIL's fixed
 point), flip, grayscale, solarize, jitter and normalisation exactly, blur within a few levels
 (PIL rounds between its six box passes; here the blur is one linear map).
+
+Why by hand: torchvision's tensor resize takes one output size per call (a loop of small kernels
+per batch), and its tensor grayscale and contrast use other weights and no rounding, so they drift
+a grey level or more from the PIL path at each step; kornia crops and resizes with grid_sample,
+without antialiasing (PIL averages when it shrinks), and its colour jitter follows neither.
 """
 import math
 

@@ -401,7 +401,7 @@ def test_eval_top1_is_the_cpu_paths(kind, tmp_path):
     with one_thread(), torch.no_grad():
         for pipeline in ('cpu', 'gpu'):
             args = parse(['--data-set', 'FOLDER', '--data-path', root, '--input-size', size, '--eval',
-                          '--num_workers', 0, '--batch', 32, '--device', 'cpu', '--data-pipeline', pipeline])
+                          '--num_workers', 0, '--batch-size', 32, '--device', 'cpu', '--data-pipeline', pipeline])
             _, loader, n, _ = main.build_loaders(args, cpu)
             logits = torch.cat([model(x) for x, _ in loader])
             results[pipeline] = logits, evaluate(loader, model, cpu)
