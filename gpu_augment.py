@@ -260,10 +260,10 @@ def blur_matrix(radius: np.ndarray, size: int, device) -> torch.Tensor:
     dist = np.abs(offsets)[None]  # (1, K)
     weight = np.where(dist <= taps[:, None], ww[:, None], np.where(dist == taps[:, None] + 1, fw[:, None], 0))
     weight = torch.from_numpy(weight / 2 ** 24).float().to(device)  # (n, K)
-    cols = (torch.arange(size)[:, None] + torch.from_numpy(offsets)[None]).clamp_(0, size - 1).to(device)
-    n = len(radius)
-    one_pass = torch.zeros(n, size, size, device=device).scatter_add_(
-        2, cols.expand(n, -1, -1), weight[:, None].expand(-1, size, -1))
+    pixel = torch.arange(size, device=device)
+    source = (pixel[None, :, None] + torch.from_numpy(offsets).to(device)[:, None, None]).clamp_(0, size - 1)
+    shifts = (source == pixel).float()  # (K, S, S): output pixel i reads pixel clamp(i + offset)
+    one_pass = torch.einsum('nk,kij->nij', weight, shifts)  # a matmul: deterministic, unlike a scatter-add
     return one_pass @ one_pass @ one_pass
 
 
