@@ -226,7 +226,7 @@ def build_loaders(args, device):
     world, rank = utils.get_world_size(), utils.get_rank()
     pin = args.pin_mem and device.type == 'cuda'
     gpu = data_pipeline(args, device) == 'gpu'
-    print(f'Data pipeline: {"gpu (augmentation on " + str(device) + ")" if gpu else "cpu"}')
+    print(f'Data pipeline: gpu (augmentation on {device})' if gpu else 'Data pipeline: cpu')
 
     def make_loader(dataset, **kw):
         loader = torch.utils.data.DataLoader(dataset, num_workers=args.num_workers, pin_memory=pin,
