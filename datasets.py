@@ -162,12 +162,15 @@ def _image_folder(root, split, transform):
     return dataset, len(dataset.classes)
 
 
-def build_dataset(is_train: bool, args):
-    """Returns (dataset, nb_classes); args.nb_classes, when set, overrides the count."""
+def build_dataset(is_train: bool, args, transform=None):
+    """Returns (dataset, nb_classes); args.nb_classes, when set, overrides the count.
+
+    `transform` replaces build_transform's for the PIL images (--data-pipeline gpu: the worker half).
+    """
     root = args.data_path
     if not root or not os.path.isdir(root):
         raise DataError(f'data path {root!r} does not exist or is not a folder')
-    transform = build_transform(is_train, args)
+    transform = transform or build_transform(is_train, args)
     kind = args.data_set
     if kind in ('CIFAR', 'CIFAR10'):
         cls = datasets.CIFAR100 if kind == 'CIFAR' else datasets.CIFAR10

@@ -24,6 +24,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, ParseKwargs
 
+import gpu_augment
 import models_vit5
 import utils
 from datasets import DataError, build_dataset
@@ -99,7 +100,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--drop', type=RATE, default=0.0, help='dropout before the head')
     g.add_argument('--drop-path', type=RATE, default=0.1, help='stochastic depth rate (same in every block)')
     g.add_argument('--flash', action=bool_flag, default=False, help='flash-attn backend (needs flash-attn)')
-    g.add_argument('--compile', action='store_true', help='torch.compile the training model')
+    g.add_argument('--compile', action='store_true',
+                   help="torch.compile the training model (and the gpu data pipeline's pixel-wise steps)")
     g.add_argument('--compile-mode', default=None, choices=COMPILE_MODES,
                    help="torch.compile mode (implies --compile, which alone means 'default'); reduce-overhead "
                         "and max-autotune replay the training model as CUDA graphs")
@@ -201,6 +203,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--nb-classes', type=COUNT, default=None, help='classifier size (when not given: from the data)')
     g.add_argument('--num_workers', type=NONNEG_INT, default=10, help='DataLoader worker processes per process')
     g.add_argument('--pin-mem', action=bool_flag, default=True, help='pinned host memory (CUDA only)')
+    g.add_argument('--data-pipeline', default='auto', choices=('auto', 'cpu', 'gpu'),
+                   help='cpu: PIL augments in the DataLoader workers; gpu: the workers decode and crop, '
+                        'the device runs ThreeAugment (or the eval resize) on whole batches; '
+                        'auto: gpu on CUDA with --ThreeAugment, else cpu')
 
     g = p.add_argument_group('runtime')
     g.add_argument('--output_dir', default='', help='checkpoints and logs go here (nothing saved if empty)')
@@ -306,29 +312,54 @@ def resolve_device(args):
 
 
 # ---- data ----------------------------------------------------------------------------------------
+def data_pipeline(args, device) -> str:
+    """'cpu' or 'gpu': where --data-pipeline (auto included) puts the augmentation."""
+    if args.data_pipeline == 'auto':
+        return 'gpu' if device.type == 'cuda' and args.ThreeAugment else 'cpu'
+    if args.data_pipeline == 'gpu' and not (args.ThreeAugment or args.eval):
+        raise ConfigError('--data-pipeline gpu trains with the ThreeAugment recipe only: add --ThreeAugment, '
+                          'or use --data-pipeline cpu for the RandAugment recipe')
+    return args.data_pipeline
+
+
 def build_loaders(args, device):
-    """(train loader or None under --eval, val loader, number of val images, number of classes)."""
+    """(train loader or None under --eval, val loader, number of val images, number of classes).
+
+    With the gpu pipeline the workers ship cropped uint8 pixels and a DeviceLoader finishes each
+    batch on `device`; either way the loaders yield (images, targets) ready for the model.
+    """
     world, rank = utils.get_world_size(), utils.get_rank()
     pin = args.pin_mem and device.type == 'cuda'
-    dataset_val, nb_classes = build_dataset(False, args)
+    gpu = data_pipeline(args, device) == 'gpu'
+    print(f'Data pipeline: gpu (augmentation on {device})' if gpu else 'Data pipeline: cpu')
+
+    def make_loader(dataset, **kw):
+        loader = torch.utils.data.DataLoader(dataset, num_workers=args.num_workers, pin_memory=pin,
+                                             collate_fn=gpu_augment.collate if gpu else None,
+                                             worker_init_fn=utils.loader_worker_init, **kw)
+        if not gpu:
+            return loader
+        augment = gpu_augment.DeviceAugment(args.input_size, compile=args.compile or bool(args.compile_mode))
+        return gpu_augment.DeviceLoader(loader, augment, device)
+
+    def dataset(is_train):
+        return build_dataset(is_train, args, gpu_augment.worker_transform(is_train, args) if gpu else None)
+
+    dataset_val, nb_classes = dataset(False)
     val_set = dataset_val
     if args.distributed and args.dist_eval:
         val_set = torch.utils.data.Subset(dataset_val, range(rank, len(dataset_val), world))  # no padding
-    loader_val = torch.utils.data.DataLoader(val_set, batch_size=int(1.5 * args.batch_size), shuffle=False,
-                                             num_workers=args.num_workers, pin_memory=pin,
-                                             worker_init_fn=utils.loader_worker_init)
+    loader_val = make_loader(val_set, batch_size=int(1.5 * args.batch_size), shuffle=False)
     if args.eval:
         return None, loader_val, len(dataset_val), nb_classes
 
-    dataset_train, nb_classes = build_dataset(True, args)
+    dataset_train, nb_classes = dataset(True)
     if args.repeated_aug:
         sampler = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     else:  # DistributedSampler with one replica is a seeded, epoch-dependent shuffle
         sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world, rank=rank,
                                                       shuffle=True, seed=args.seed)
-    loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size,
-                                               num_workers=args.num_workers, pin_memory=pin, drop_last=True,
-                                               worker_init_fn=utils.loader_worker_init)
+    loader_train = make_loader(dataset_train, sampler=sampler, batch_size=args.batch_size, drop_last=True)
     if len(loader_train) == 0:
         raise ConfigError(f'{args.data_path}: {len(sampler)} training images per process make no full batch '
                           f'of --batch-size {args.batch_size}')

@@ -220,6 +220,17 @@ def test_resume_is_exact_with_loader_workers(data, tmp_path):
     resume_and_compare(argv, out, 0, tmp_path)
 
 
+@pytest.mark.parametrize('workers', [0, 1])
+def test_resume_is_exact_with_the_device_pipeline(data, tmp_path, workers):
+    """--data-pipeline gpu (on the CPU here): crops and parameters drawn in the workers (or this
+    process) from the restored RNG, the rest computed on the device from them."""
+    out = tmp_path / 'run'
+    argv = TINY + ['--data-path', data, '--output_dir', out] + PRETRAIN_TINY + [
+        '--num_workers', workers, '--data-pipeline', 'gpu']
+    run_keeping_checkpoints(argv)
+    resume_and_compare(argv, out, 1, tmp_path)
+
+
 def test_auto_resume_picks_up_output_checkpoint(pretrain, tmp_path):
     shutil.copy(pretrain.out / 'checkpoint.pth', tmp_path / 'checkpoint.pth')
     argv = [a if a != pretrain.out else tmp_path for a in pretrain.argv]
