@@ -3,6 +3,7 @@ checkpoints, and rebuilding the model a checkpoint was trained with."""
 import argparse
 import ast
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +21,17 @@ class Parser(argparse.ArgumentParser):
 
 def fail(message: str):
     sys.exit(f'error: {message}')
+
+
+def fresh_image_folder(out: str, overwrite: bool) -> Path:
+    """OUT for a new ImageFolder: existing OUT/train and OUT/val are an error, or removed with `overwrite`."""
+    out = Path(out)
+    existing = [out / split for split in ('train', 'val') if (out / split).exists()]
+    if existing and not overwrite:
+        fail(f'{existing[0]} already exists; pass --overwrite to replace it')
+    for folder in existing:
+        shutil.rmtree(folder)
+    return out
 
 
 def read_checkpoint(path: str) -> dict:

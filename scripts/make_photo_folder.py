@@ -13,13 +13,12 @@ its class's band.
     python scripts/make_photo_folder.py --out runs/photos --train 2000 --val 200
 """
 import argparse
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from common import Parser, fail
+from common import Parser, fresh_image_folder
 
 PHOTOS = ('china', 'flower')  # the order of load_sample_images()
 
@@ -84,12 +83,7 @@ def main(argv=None):
     args = parse_args(argv)
     from sklearn.datasets import load_sample_images
     photos = load_sample_images().images
-    out = Path(args.out)
-    existing = [out / s for s in ('train', 'val') if (out / s).exists()]
-    if existing and not args.overwrite:
-        fail(f'{existing[0]} already exists; pass --overwrite to replace it')
-    for d in existing:
-        shutil.rmtree(d)
+    out = fresh_image_folder(args.out, args.overwrite)
     rng = np.random.default_rng(args.seed)
     bands = args.classes // 2
     names = [f'{photo}_{band}' for photo in PHOTOS for band in range(bands)]

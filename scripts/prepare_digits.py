@@ -12,13 +12,11 @@ traced back to the source array.
     python scripts/prepare_digits.py --out runs/quickstart/data
 """
 import argparse
-import shutil
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from common import Parser, fail
+from common import Parser, fresh_image_folder
 
 
 def parse_args(argv=None):
@@ -55,12 +53,7 @@ def main(argv=None):
     args = parse_args(argv)
     from sklearn.datasets import load_digits
     digits = load_digits()
-    out = Path(args.out)
-    existing = [out / s for s in ('train', 'val') if (out / s).exists()]
-    if existing and not args.overwrite:
-        fail(f'{existing[0]} already exists; pass --overwrite to replace it')
-    for d in existing:
-        shutil.rmtree(d)
+    out = fresh_image_folder(args.out, args.overwrite)
 
     train, val = split_indices(digits.target, args.val_fraction, args.seed)
     for split, indices in (('train', train), ('val', val)):
