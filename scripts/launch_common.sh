@@ -19,7 +19,7 @@ usage() {
     echo "                       default output/vit5_SIZE_$(basename "$0" _vit5.sh)"
   fi
   if [ "$NEEDS_CKPT" = 1 ]; then
-    echo "  --ckpt FILE          checkpoint file                                 (env CKPT)"
+    echo "  --ckpt CKPT          checkpoint file (evaluation: or a released tag) (env CKPT)"
   fi
   cat <<EOF
   --gpus N             processes (GPUs) per node, default 8            (env GPUS)
@@ -68,7 +68,7 @@ case "$SIZE" in
   *) fail "unknown size '$SIZE': use small, base or large" ;;
 esac
 [ -n "$DATA_PATH" ] || fail "give --data-path DIR (or DATA_PATH=DIR)"
-[ "$NEEDS_CKPT" = 1 ] && [ -z "$CKPT" ] && fail "give --ckpt FILE (or CKPT=FILE)"
+[ "$NEEDS_CKPT" = 1 ] && [ -z "$CKPT" ] && fail "give --ckpt CKPT (or CKPT=...)"
 for var in GPUS NNODES; do
   [[ ${!var} =~ ^[1-9][0-9]*$ ]] || fail "$var must be a positive integer, got '${!var}'"
 done

@@ -125,6 +125,9 @@ def test_eval_and_multi_node_dry_run():
     assert cmd.startswith('torchrun --nproc_per_node 4 --nnodes 2 --node_rank 1 --master_addr host0 '
                           '--master_port 29500 main.py --eval --resume w.pth --model vit5_base')
     assert cmd.endswith('--input-size 384')  # extra flags come last, so they win
+    tag = dry_run('eval_vit5.sh', 'large', '--ckpt', 'vit5_large.in1k_384', '--data-path', 'IMNET')
+    assert 'main.py --eval --finetune vit5_large.in1k_384 --model vit5_large --data-path IMNET' in tag
+    assert '--input-size' not in tag  # the tag sets it
     env_cmd = dry_run('pretrain_vit5.sh', 'small', env=dict(DATA_PATH='/data/in 1k', GPUS='2', DRY_RUN='1'))
     assert "--nproc_per_node 2" in env_cmd and shlex.split(env_cmd)[shlex.split(env_cmd).index('--data-path') + 1] \
         == '/data/in 1k'
