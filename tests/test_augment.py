@@ -192,3 +192,23 @@ def test_recipe_transforms_on_extreme_images(tmp_path, kind):
     for img in _extreme_inputs(tmp_path) * 4:
         x = t(img)
         assert x.shape == (3, 64, 64) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize('mode', ['batch', 'pair', 'elem'])
+def test_mixup_and_cutmix_at_their_extremes_on_real_photos(mode):
+    """main.build_mixup from flags at the ends of their ranges: finite images, targets that sum to 1."""
+    import main
+    from tinyrun import parse
+    t = build_transform(False, make_args(input_size=64))
+    photos = torch.stack([t(c) for c in photo_crops(8, seed=3)])
+    labels = torch.arange(8) % 5
+    settings = [['--mixup', 1e-3, '--cutmix', 0], ['--mixup', 1e3, '--cutmix', 0], ['--mixup', 0, '--cutmix', 1e-3],
+                ['--mixup', 0, '--cutmix', 1e3], ['--cutmix-minmax', 0.0, 1.0], ['--cutmix-minmax', 0.99, 1.0],
+                ['--mixup-switch-prob', 1.0], ['--mixup-prob', 0.0], ['--smoothing', 0.0]]
+    np.random.seed(0)
+    for flags in settings:
+        mix = main.build_mixup(parse(flags + ['--mixup-mode', mode, '--input-size', 64]), nb_classes=5)
+        for _ in range(5):
+            x, y = mix(photos.clone(), labels.clone())
+            assert x.shape == photos.shape and torch.isfinite(x).all(), flags
+            assert y.shape == (8, 5) and torch.allclose(y.sum(1), torch.ones(8)), flags
