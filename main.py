@@ -270,8 +270,6 @@ def check_args(args) -> None:
         raise ConfigError('--cosub and --distillation-type are alternatives; pick one')
     if args.resplit:
         raise ConfigError('--resplit only acts on augmentation splits, which this recipe does not use')
-    if args.accum_iter < 1:
-        raise ConfigError(f'--accum_iter must be >= 1, got {args.accum_iter}')
     if args.auto_resume and not args.output_dir:
         raise ConfigError('--auto-resume needs --output_dir')
     if args.eval and not (args.resume or args.finetune or args.auto_resume):
@@ -414,7 +412,7 @@ def load_weights(model: nn.Module, ckpt: dict, path: str, use_ema: bool, finetun
 
     Prefixes are stripped and pos_embed resampled to the model's grid (checkpoint_filter_fn).
     Resume / eval demand an exact fit. Fine-tuning drops a classifier head of another shape and
-    prints the keys the file lacks or has in excess; any other shape difference is an error.
+    prints one summary line (finetune_summary); any other shape difference is an error.
     """
     has_ema = isinstance(ckpt.get('model_ema', ckpt.get('state_dict_ema')), dict)
     if use_ema and not has_ema:
