@@ -486,7 +486,7 @@ class MetricLogger:
             data_time.update(time.time() - end)
             yield obj
             step_time.update(time.time() - end)
-            if i % print_freq == 0 or i == n - 1:
+            if is_log_step(i, n, print_freq):
                 eta = datetime.timedelta(seconds=int(step_time.global_avg * (n - i - 1)))
                 parts = [f'{header} [{i:{width}d}/{n}]', f'eta: {eta}', str(self)]
                 if batch_size:
