@@ -411,15 +411,6 @@ class SmoothedValue:
         self.count += n
         self.total += value * n
 
-    def synchronize_between_processes(self):
-        """Make total and count the sums over ranks (the window stays local)."""
-        if not is_dist():
-            return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64,
-                         device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
-        dist.all_reduce(t)
-        self.count, self.total = int(t[0].item()), t[1].item()
-
     @property
     def median(self) -> float:
         return float(np.median(self.window)) if self.window else 0.0
@@ -466,10 +457,6 @@ class MetricLogger:
 
     def add_meter(self, name: str, meter: SmoothedValue):
         self.meters[name] = meter
-
-    def synchronize_between_processes(self):
-        for meter in self.meters.values():
-            meter.synchronize_between_processes()
 
     def __str__(self):
         return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
