@@ -290,9 +290,7 @@ def check_output_dir(path: str) -> None:
         return
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f'--output_dir {path} is a file; give a folder (it is created when missing)')
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    _, existing = utils.missing_folders(path)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f'--output_dir {path}: cannot write in {existing}')
 

@@ -313,6 +313,15 @@ def set_rng_state(state: dict) -> None:
 RUN_FILES = ('args.json', 'log.txt')  # what a run writes beside its checkpoints
 
 
+def missing_folders(path: str):
+    """(the folders of `path` that do not exist yet, innermost first; the nearest one that does)."""
+    missing, folder = [], os.path.abspath(path)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing, folder
+
+
 @contextlib.contextmanager
 def output_folder(path: str, keep_if: str):
     """Create the run's output folder (rank 0) for the `with` block. If the block fails (an error, Ctrl-C)
@@ -321,10 +330,7 @@ def output_folder(path: str, keep_if: str):
     if not path or not is_main_process():
         yield
         return
-    created, folder = [], os.path.abspath(path)
-    while not os.path.exists(folder):
-        created.append(folder)  # innermost first
-        folder = os.path.dirname(folder)
+    created, _ = missing_folders(path)
     os.makedirs(path, exist_ok=True)
     try:
         yield
