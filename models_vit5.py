@@ -654,8 +654,7 @@ class VisionTransformer5(nn.Module):
         self.grid = self.patch_embed.grid_size
         if self.pos_embed is not None and tuple(self.grid) != tuple(old_grid):
             with torch.no_grad():
-                pos = resample_abs_pos_embed(self.pos_embed, list(self.grid), list(old_grid), num_prefix_tokens=0,
-                                             interpolation='bicubic', antialias=False, align_corners=False)
+                pos = resample_pos_embed(self.pos_embed, tuple(self.grid), tuple(old_grid))
             self.pos_embed = nn.Parameter(pos, requires_grad=self.pos_embed.requires_grad)
         for blk in self.blocks:
             if blk.attn.rope is not None:
@@ -868,10 +867,7 @@ def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer5, use_ema: b
         old = math.isqrt(pos.shape[1])
         if old * old != pos.shape[1]:
             raise ValueError(f'checkpoint pos_embed has {pos.shape[1]} positions, not a square patch grid')
-        if (old, old) != tuple(model.grid):
-            out['pos_embed'] = resample_abs_pos_embed(
-                pos, list(model.grid), [old, old], num_prefix_tokens=0,
-                interpolation='bicubic', antialias=False, align_corners=False)
+        out['pos_embed'] = resample_pos_embed(pos, tuple(model.grid), (old, old))  # unchanged at the same grid
 
     for name, buf in model.named_buffers():
         if name.endswith('.freqs') and name not in out:
