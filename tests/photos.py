@@ -6,21 +6,28 @@ import numpy as np
 from PIL import Image
 
 
-def sample_photos():
+def photo_arrays():
+    """The two photos, (427, 640, 3) uint8 arrays."""
     from sklearn.datasets import load_sample_images
-    return [Image.fromarray(a) for a in load_sample_images().images]
+    return load_sample_images().images
+
+
+def sample_photos():
+    return [Image.fromarray(a) for a in photo_arrays()]
+
+
+def photo_crop(photos, rng, low=20, high=420):
+    """A random region of one of `photos` (arrays), sides drawn from [low, high), as a PIL image."""
+    p = photos[rng.integers(2)]
+    h, w = (int(v) for v in rng.integers(low, high, size=2))
+    top, left = rng.integers(0, p.shape[0] - h + 1), rng.integers(0, p.shape[1] - w + 1)
+    return Image.fromarray(p[top:top + h, left:left + w])
 
 
 def photo_crops(n, min_side=32, max_side=427, seed=0):
     """n RGB crops with sides drawn uniformly from [min_side, max_side], from random places of the photos."""
-    photos, rng = sample_photos(), np.random.default_rng(seed)
-    crops = []
-    for i in range(n):
-        photo = photos[i % len(photos)]
-        w, h = (int(rng.integers(min_side, max_side + 1)) for _ in range(2))
-        x, y = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
-        crops.append(photo.crop((x, y, x + w, y + h)))
-    return crops
+    photos, rng = photo_arrays(), np.random.default_rng(seed)
+    return [photo_crop(photos, rng, min_side, max_side + 1) for _ in range(n)]
 
 
 # sizes at the extremes: single pixels, single rows and columns, a whole photo

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 from scipy import stats
-from sklearn.datasets import load_sample_images
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
 import gpu_augment as ga
 from datasets import build_transform
+from photos import photo_arrays, photo_crop
 from tinyrun import parse
 
 MEAN = torch.tensor(ga.IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
@@ -27,15 +27,7 @@ JITTER = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
 
 @pytest.fixture(scope='module')
 def photos():
-    return load_sample_images().images  # two (427, 640, 3) uint8 photos
-
-
-def photo_crop(photos, rng, low=20, high=420):
-    """A random region of one of the photos, as a PIL image."""
-    p = photos[rng.integers(2)]
-    h, w = (int(v) for v in rng.integers(low, high, size=2))
-    top, left = rng.integers(0, p.shape[0] - h + 1), rng.integers(0, p.shape[1] - w + 1)
-    return Image.fromarray(p[top:top + h, left:left + w])
+    return photo_arrays()  # two (427, 640, 3) uint8 photos
 
 
 def levels(x):
