@@ -20,41 +20,35 @@ import main  # noqa: E402
 from engine import train_one_epoch  # noqa: E402
 from utils import NonFiniteLossError  # noqa: E402
 
-
-def nan_on_rank1_step2(rank, calls, eval_forwards):
-    def criterion(inputs, outputs, targets):
-        loss = F.cross_entropy(outputs, targets)
-        step = len(calls) - eval_forwards - 1
-        return loss * float('nan') if rank == 1 and step == 2 else loss
-    return criterion
-
-
-def run(rank: int) -> dict:
-    torch.manual_seed(0)  # same weights on both ranks
-    model = nn.Linear(3, 2)
-    batches = [(torch.randn(2, 3), torch.tensor([0, 1])) for _ in range(4)]
-
-    calls = []
-    model.register_forward_hook(lambda *_: calls.append(1))
-    stats = main.run_eval(SimpleNamespace(distributed=True, dist_eval=False), batches, model,
-                          torch.device('cpu'), torch.float32)
-    eval_forwards = len(calls)
-
-    ddp = nn.parallel.DistributedDataParallel(model)
-    stopped = None
-    try:
-        train_one_epoch(ddp, nan_on_rank1_step2(rank, calls, eval_forwards), batches,
-                        torch.optim.SGD(model.parameters(), lr=0.1), torch.device('cpu'), 0,
-                        torch.amp.GradScaler('cpu', enabled=False), accum_iter=4)
-    except NonFiniteLossError as err:
-        stopped = str(err)
-    return dict(eval_forwards=eval_forwards, acc1=stats['acc1'], stopped=stopped)
-
-
 dist.init_process_group('gloo')
-result = run(dist.get_rank())
-with open(os.path.join(os.environ['RESULT_DIR'], f'rank{dist.get_rank()}.json'), 'w') as f:
-    json.dump(result, f)
+rank = dist.get_rank()
+torch.manual_seed(0)  # same weights on both ranks
+model = nn.Linear(3, 2)
+batches = [(torch.randn(2, 3), torch.tensor([0, 1])) for _ in range(4)]
+
+calls = []
+model.register_forward_hook(lambda *_: calls.append(1))
+stats = main.run_eval(SimpleNamespace(distributed=True, dist_eval=False), batches, model, torch.device('cpu'),
+                      torch.float32)
+eval_forwards = len(calls)
+
+ddp = nn.parallel.DistributedDataParallel(model)
+
+
+def nan_on_rank1_step2(inputs, outputs, targets):
+    loss = F.cross_entropy(outputs, targets)
+    step = len(calls) - eval_forwards - 1
+    return loss * float('nan') if rank == 1 and step == 2 else loss
+
+
+stopped = None
+try:
+    train_one_epoch(ddp, nan_on_rank1_step2, batches, torch.optim.SGD(model.parameters(), lr=0.1),
+                    torch.device('cpu'), 0, torch.amp.GradScaler('cpu', enabled=False), accum_iter=4)
+except NonFiniteLossError as err:
+    stopped = str(err)
+with open(os.path.join(os.environ['RESULT_DIR'], f'rank{rank}.json'), 'w') as f:
+    json.dump(dict(eval_forwards=eval_forwards, acc1=stats['acc1'], stopped=stopped), f)
 dist.destroy_process_group()
 # Leave without interpreter finalization: gloo worker threads may still be dropping the last reference to
 # a collective's tensors, and a thread that needs the GIL during finalization aborts the process
