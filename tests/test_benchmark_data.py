@@ -47,7 +47,10 @@ def test_loader_batches_are_ready_for_the_model(photos):
     """What the loader measurement iterates: normalised batches of the recipe, on either pipeline."""
     args = benchmark_data.parse_args(['--data', str(photos), '--input-size', '32', '--batch-size', '4'])
     import torch
+    from utils import seed_everything
     for pipeline in ('cpu', 'gpu'):
+        # 4 small crops can be all dark or all bright (5 of 80 unseeded draws were): a fixed draw that spans 0
+        seed_everything(1)
         images, targets = next(iter(benchmark_data.make_loader(args, pipeline, 0, torch.device('cpu'), 1)))
         assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and targets.shape == (4,)
         assert -2.2 < images.min() < 0 < images.max() < 2.7  # ImageNet-normalised pixels
