@@ -7,13 +7,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import unwrap_model
 
-from utils import MetricLogger, RunningLoss, SmoothedValue, all_reduce_sum, is_log_step
+from utils import MetricLogger, RunningLoss, SmoothedValue, all_reduce_sum, is_log_step, sync_allowed
 
 PRINT_FREQ = 10
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+
+
+def clear_grads(optimizer: torch.optim.Optimizer) -> None:
+    """Drop the gradient of every parameter the optimizer steps: what zero_grad(set_to_none=True) does,
+    for any optimizer. (apex's FusedLAMB.zero_grad takes no argument: calling it with set_to_none raises
+    a TypeError.)"""
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            p.grad = None
 
 
 class TrainStep:
@@ -58,7 +67,7 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        clear_grads(self.optimizer)
         if self.model_ema is not None:
             self.model_ema.update(unwrap_model(self.model))
 
@@ -96,7 +105,7 @@ def train_one_epoch(
     losses = RunningLoss(device)
     step = TrainStep(model, criterion, optimizer, scaler, device, amp_dtype, max_norm, model_ema, mixup_fn, cosub)
     n_steps = len(data_loader)
-    optimizer.zero_grad(set_to_none=True)
+    clear_grads(optimizer)
     header = f'Epoch: [{epoch}]'
     for i, (samples, targets) in enumerate(logger.log_every(data_loader, print_freq, header,
                                                            getattr(data_loader, 'batch_size', 0) or 0)):
@@ -126,11 +135,15 @@ def evaluate(
     With `distributed`, each rank holds a disjoint shard of the set and the sums of losses,
     hits and counts are all-reduced, so the result equals a single-process pass exactly
     (no padded duplicates). Prints the summary line `* Acc@1 X Acc@5 Y loss Z`.
+    The sums stay on the device; the host reads them only where a progress line is due (every
+    PRINT_FREQ batches and at the last), as training does, so batches queue without waiting.
     """
     model.eval()
     logger = MetricLogger(device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
-    for images, target in logger.log_every(data_loader, PRINT_FREQ, header):
+    shown = [0.0] * 4  # the sums as of the previous read
+    n_steps = len(data_loader)
+    for i, (images, target) in enumerate(logger.log_every(data_loader, PRINT_FREQ, header)):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
@@ -139,13 +152,20 @@ def evaluate(
         loss = F.cross_entropy(output, target, reduction='sum')
         top = output.topk(min(5, output.shape[-1]), dim=-1).indices  # (B, k), best first
         hits = top.eq(target[:, None])
-        batch = torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(-1).sum().double(),
-                             torch.tensor(len(target), dtype=torch.float64, device=device)])
-        sums += batch
-        logger.update(loss=loss.item() / len(target), acc1=100 * batch[1].item() / len(target))
+        sums[:3].add_(torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(-1).sum().double()]))
+        sums[3:].add_(len(target))  # a host number: no copy to the device
+        if is_log_step(i, n_steps, PRINT_FREQ):  # the loop's one host read
+            with sync_allowed(device):
+                now = sums.tolist()
+            images_since = now[3] - shown[3]
+            if images_since:
+                logger.meters['loss'].update((now[0] - shown[0]) / images_since, n=int(images_since))
+                logger.meters['acc1'].update(100 * (now[1] - shown[1]) / images_since, n=int(images_since))
+            shown = now
     if distributed:
         all_reduce_sum(sums)
-    loss, hit1, hit5, n = sums.tolist()
+    with sync_allowed(device):
+        loss, hit1, hit5, n = sums.tolist()
     n = max(n, 1)
     stats = dict(loss=loss / n, acc1=100 * hit1 / n, acc5=100 * hit5 / n, n=int(n))
     print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}')

@@ -22,6 +22,7 @@ per batch), and its tensor grayscale and contrast use other weights and no round
 a grey level or more from the PIL path at each step; kornia crops and resizes with grid_sample,
 without antialiasing (PIL averages when it shrinks), and its colour jitter follows neither.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -250,18 +251,45 @@ def box_blur_weights(radius: np.ndarray):
     return taps, ww, fw
 
 
+def to_device(array: np.ndarray, device) -> torch.Tensor:
+    """A host array on `device` without the host waiting: on CUDA, copied from pinned memory with
+    non_blocking (a pageable copy would wait for the device's queue to drain)."""
+    tensor = torch.from_numpy(array)
+    if torch.device(device).type != 'cuda':
+        return tensor.to(device)
+    if torch.cuda.is_available():  # (not under a fake CUDA device, which needs no pinned source)
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def full_float32():
+    """float32 matmuls in full precision inside, whatever torch.set_float32_matmul_precision says
+    outside (main.py's --tf32 sets 'high', which lets CUDA round their inputs to TF32 and would move
+    resized pixels by several grey levels). The setting is process-wide: restored on the way out."""
+    before = torch.get_float32_matmul_precision()
+    if before == 'highest':
+        yield
+        return
+    torch.set_float32_matmul_precision('highest')
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def blur_matrix(radius: np.ndarray, size: int, device) -> torch.Tensor:
     """(n, S, S): PIL's three box passes over one axis of an S-pixel line (edges repeat the last
     pixel) as one matrix. Applied to both axes it is PIL's GaussianBlur without PIL's rounding
     after each of its six passes."""
     taps, ww, fw = box_blur_weights(radius)
     reach = int(taps.max()) + 1
-    offsets = np.arange(-reach, reach + 1)  # (K,)
-    dist = np.abs(offsets)[None]  # (1, K)
+    dist = np.abs(np.arange(-reach, reach + 1))[None]  # (1, K)
     weight = np.where(dist <= taps[:, None], ww[:, None], np.where(dist == taps[:, None] + 1, fw[:, None], 0))
-    weight = torch.from_numpy(weight / 2 ** 24).float().to(device)  # (n, K)
+    weight = to_device((weight / 2 ** 24).astype(np.float32), device)  # (n, K)
     pixel = torch.arange(size, device=device)
-    source = (pixel[None, :, None] + torch.from_numpy(offsets).to(device)[:, None, None]).clamp_(0, size - 1)
+    offsets = torch.arange(-reach, reach + 1, device=device)  # made on the device: no copy
+    source = (pixel[None, :, None] + offsets[:, None, None]).clamp_(0, size - 1)
     shifts = (source == pixel).float()  # (K, S, S): output pixel i reads pixel clamp(i + offset)
     one_pass = torch.einsum('nk,kij->nij', weight, shifts)  # a matmul: deterministic, unlike a scatter-add
     return one_pass @ one_pass @ one_pass
@@ -302,7 +330,9 @@ class DeviceAugment:
     float32, normalised: the device half of the recipe (or of evaluation: the params say which).
 
     What depends on the parameters' values (pass-order groups, kernel widths, who blurs) is decided
-    on the host from the CPU copy, so nothing waits for the device. With `compile`, the pixel-wise
+    on the host from the CPU copy, so nothing waits for the device: the constants stay on the device,
+    and host arrays go over from pinned memory without blocking (`to_device`). The matmuls run in full
+    float32 whatever the model's --tf32 says (`full_float32`). With `compile`, the pixel-wise
     rest (grayscale, solarize, jitter, normalisation: some 40 elementwise passes over the batch in
     eager mode) is fused by torch.compile; the function it compiles is the plain one below.
     """
@@ -311,15 +341,24 @@ class DeviceAugment:
         self.size = input_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.on_device = {}  # device -> (mean, std) there, copied once
         self.finish = torch.compile(finish, dynamic=None) if compile else finish
 
+    def constants(self, device: torch.device):
+        """(mean, std) on `device`, copied there on the first call only."""
+        if device not in self.on_device:
+            self.on_device[device] = (to_device(self.mean.numpy(), device), to_device(self.std.numpy(), device))
+        return self.on_device[device]
+
     def __call__(self, rows: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        device, host = rows.device, params.numpy()
-        p = params.to(device, non_blocking=True)
-        x = self.geometry(rows, p, host)
-        return self.finish(x, p[:, OP], p[:, FN0:FN2 + 1], p[:, F0:F2 + 1].float(), self.mean.to(device),
-                           self.std.to(device), one_of=bool((host[:, OP] >= 0).any()),
-                           jitter=bool((host[:, FN0:FN2 + 1] >= 0).any()))
+        device = rows.device
+        with full_float32():
+            p = params.to(device, non_blocking=True)  # pinned by the DataLoader (pin_memory) on CUDA
+            host = params.numpy()
+            x = self.geometry(rows, p, host)
+            mean, std = self.constants(device)
+            return self.finish(x, p[:, OP], p[:, FN0:FN2 + 1], p[:, F0:F2 + 1].float(), mean, std,
+                               one_of=bool((host[:, OP] >= 0).any()), jitter=bool((host[:, FN0:FN2 + 1] >= 0).any()))
 
     def geometry(self, rows: torch.Tensor, p: torch.Tensor, host: np.ndarray) -> torch.Tensor:
         """Crop window, resize, flip and blur of every sample, in one group per PIL pass order."""
@@ -339,7 +378,7 @@ class DeviceAugment:
                 continue
             g = host[group]
             height, width = int(g[:, IN_H].max()), int(g[:, IN_W].max())
-            idx = torch.from_numpy(group).to(device)
+            idx = to_device(group, device)
             q = p[idx]
             wy = resample_matrix(q[:, IN_H], q[:, SRC_H] / q[:, RED_H], q[:, OUT_H], grid_y[idx], height,
                                  _taps(g[:, SRC_H] / g[:, RED_H] / g[:, OUT_H]))
@@ -347,7 +386,7 @@ class DeviceAugment:
                                  _taps(g[:, SRC_W] / g[:, RED_W] / g[:, OUT_W]))
             blurred = np.flatnonzero(g[:, OP] == BLUR)
             if len(blurred):  # blur after resize and flip = blur matrix times the resize matrix
-                b = torch.from_numpy(blurred).to(device)
+                b = to_device(blurred, device)
                 kernel = blur_matrix(g[blurred, RADIUS], s, device)
                 wy[b], wx[b] = kernel @ wy[b], kernel @ wx[b]
             # (n, height, width, 3): each crop's rows, then the black last row

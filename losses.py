@@ -75,7 +75,8 @@ class CosubLoss(nn.Module):
     The batch went through the model twice in one forward (inputs concatenated with themselves),
     so stochastic depth draws two sub-networks: outputs = (2B, C). Each half learns from the
     targets (binarised under --bce-loss) and from the other half's detached sigmoid, all with
-    BCE-with-logits and weight 1/4.
+    BCE-with-logits and weight 1/4. The logits are taken in float32 first: under bf16 autocast the
+    soft targets would otherwise be rounded to bf16 (sigmoid runs in its input's dtype).
     """
 
     def __init__(self, binarize: bool = False):
@@ -83,7 +84,7 @@ class CosubLoss(nn.Module):
         self.binarize = binarize
 
     def forward(self, inputs: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        a, b = outputs.chunk(2, dim=0)
+        a, b = outputs.float().chunk(2, dim=0)
         convert = binarize_targets if self.binarize else dense_targets
         t = convert(targets, a.shape[-1])
         bce = F.binary_cross_entropy_with_logits

@@ -9,6 +9,7 @@ code 2; a loss that stops being finite ends every rank with exit code 1.
 """
 import argparse
 import datetime
+import inspect
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from utils import CheckpointError, ConfigError, NonFiniteLossError
 AMP_DTYPES = dict(bfloat16=torch.bfloat16, float16=torch.float16, float32=torch.float32)
 SCHEDULES = ('cosine', 'tanh', 'step', 'poly', 'plateau', 'constant')
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')  # the compile modes that replay CUDA graphs
 FUSED_OPTS = ('adam', 'adamw', 'sgd', 'momentum')  # timm names of torch optimizers with a fused kernel
 
 
@@ -104,11 +106,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="torch.compile the training model (and the gpu data pipeline's pixel-wise steps)")
     g.add_argument('--compile-mode', default=None, choices=COMPILE_MODES,
                    help="torch.compile mode (implies --compile, which alone means 'default'); reduce-overhead "
-                        "and max-autotune replay the training model as CUDA graphs")
+                        "and max-autotune replay the training model as CUDA graphs (not with --accum_iter > 1)")
     g.add_argument('--model-ema', action=bool_flag, default=True, help='keep an EMA of the weights')
     g.add_argument('--model-ema-decay', type=PROB, default=0.99996, help='EMA decay per optimizer step')
     g.add_argument('--model-ema-force-cpu', action='store_true',
-                   help='keep the EMA on the CPU (not evaluated per epoch when training elsewhere)')
+                   help='keep the EMA on the CPU: saves a copy of the weights in device memory, but every optimizer '
+                        'step then waits for the device, copies all weights to the host (one batch of copies '
+                        'into pinned memory) and lerps them there on the CPU (tens of ms per step for ViT-B); '
+                        'the EMA is not evaluated per epoch when training elsewhere')
 
     g = p.add_argument_group('optimizer')
     g.add_argument('--batch-size', '--batch', type=COUNT, default=64, help='images per process and step')
@@ -220,18 +225,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--auto-resume', action='store_true', help='resume from OUTPUT_DIR/checkpoint.pth if there')
     g.add_argument('--start_epoch', type=NONNEG_INT, default=0, metavar='N', help='first epoch (a resume sets it)')
     g.add_argument('--eval', action='store_true', help='evaluate only')
-    g.add_argument('--dist-eval', action='store_true', help='evaluate on every process (each a shard)')
+    g.add_argument('--dist-eval', action=bool_flag, default=True,
+                   help='under DDP, every process evaluates a shard of the validation set (exact: the sums are '
+                        'all-reduced, nothing padded); --no-dist-eval: rank 0 evaluates alone while the others wait')
     g.add_argument('--distributed', action='store_true',
                    help='insist on a launcher; with one process, a group of one (DDP on one GPU)')
     g.add_argument('--world_size', type=COUNT, default=1, help='expected number of processes')
     g.add_argument('--dist_url', default='env://', help='process group rendezvous (env:// reads torchrun / SLURM)')
+    g.add_argument('--dist-timeout', type=number(float, 0, low_open=True), default=utils.DIST_TIMEOUT_MINUTES,
+                   metavar='MINUTES',
+                   help="how long a collective (NCCL or gloo) may wait for the other ranks before the run fails; "
+                        "longer than PyTorch's 10 minutes because ranks legitimately wait on rank 0's checkpoint "
+                        "writes and on uneven compile times (max-autotune)")
     g.add_argument('--tf32', action=bool_flag, default=False,
                    help='TF32 tensor cores for float32 matmuls (CUDA; cuDNN uses them for convolutions by '
                         'default; under bf16 autocast little runs in float32)')
     g.add_argument('--ddp-bucket-view', action=bool_flag, default=False,
                    help="DDP gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no copy)")
     g.add_argument('--ddp-static-graph', action=bool_flag, default=False,
-                   help='DDP static_graph: the same parameters get gradients every step')
+                   help='DDP static_graph: the same parameters get gradients every step (not with --accum_iter > 1)')
 
     g = p.add_argument_group('logging')
     g.add_argument('--if_wandb', action='store_true', help='log to Weights & Biases')
@@ -276,6 +288,15 @@ def check_args(args) -> None:
         raise ConfigError('--eval needs weights to evaluate: --resume CKPT (a training checkpoint or a released '
                           'file) or --finetune CKPT|TAG (e.g. vit5_small.in1k); without them it would score '
                           'random weights')
+    # two PyTorch bugs that make gradient accumulation fail (or, worked around, go silently wrong)
+    if args.accum_iter > 1 and args.ddp_static_graph and not args.eval:
+        raise ConfigError(f"--ddp-static-graph cannot run with --accum_iter {args.accum_iter}: DDP's no_sync fails "
+                          f"under static_graph ('expect_autograd_hooks_ INTERNAL ASSERT FAILED', PyTorch issue "
+                          f'#143580); drop --ddp-static-graph')
+    if args.accum_iter > 1 and args.compile_mode in CUDA_GRAPH_MODES and not args.eval:
+        raise ConfigError(f'--compile-mode {args.compile_mode} cannot run with --accum_iter {args.accum_iter}: its '
+                          f"CUDA graphs overwrite one micro-batch's gradients with the next's (PyTorch issue #169545); "
+                          f'use --compile-mode max-autotune-no-cudagraphs or default')
     if args.cutmix_minmax is not None:
         low, high = args.cutmix_minmax
         if int(args.input_size * low) >= int(args.input_size * high):
@@ -489,16 +510,25 @@ def build_teacher(args, nb_classes: int, device) -> Optional[nn.Module]:
 
 
 # ---- optimisation ----------------------------------------------------------------------------------
+def apex_has_cuda_kernels() -> bool:
+    """True when NVIDIA apex imports with its CUDA extensions. A Python-only build of apex imports too,
+    but its FusedLAMB raises 'requires cuda extensions' when built; apex's multi_tensor_applier says
+    whether the extensions loaded."""
+    try:
+        import apex.optimizers  # noqa: F401
+        from apex.multi_tensor_apply import multi_tensor_applier
+    except Exception:  # noqa: BLE001  not installed, the unrelated PyPI 'apex', or a build that fails to import
+        return False
+    return bool(getattr(multi_tensor_applier, 'available', False))
+
+
 def optimizer_name(opt: str, device) -> str:
-    """'fusedlamb' needs NVIDIA apex on CUDA; otherwise timm's LAMB runs with the same hyperparameters."""
+    """'fusedlamb' needs NVIDIA apex with its CUDA kernels, on CUDA; otherwise timm's LAMB runs with the
+    same hyperparameters."""
     if opt != 'fusedlamb':
         return opt
-    if device.type == 'cuda':
-        try:
-            import apex.optimizers  # noqa: F401
-            return opt
-        except ImportError:
-            pass
+    if device.type == 'cuda' and apex_has_cuda_kernels():
+        return opt
     print("Notice: apex FusedLAMB is not available here; --opt fusedlamb runs timm's LAMB with the same settings")
     return 'lamb'
 
@@ -587,16 +617,26 @@ def scheduler_state(scheduler):
 # ---- the training model: kernels, DDP, compile, EMA -----------------------------------------------
 def apply_speed_settings(args) -> None:
     """Process-wide kernel choices. --tf32: TF32 tensor cores for float32 matmuls (cuDNN already
-    uses them for float32 convolutions by default). Without it PyTorch's defaults stay."""
+    uses them for float32 convolutions by default). Without it PyTorch's defaults stay. The gpu data
+    pipeline is not affected: it runs its matmuls in full float32 whatever this says
+    (gpu_augment.full_float32)."""
     if args.tf32:
         torch.set_float32_matmul_precision('high')
 
 
 def wrap_ddp(model: nn.Module, args, device) -> nn.Module:
-    """DDP with the --ddp-* options (both off by default: scripts/gpu_report.py measures them)."""
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == 'cuda' else None,
-        gradient_as_bucket_view=args.ddp_bucket_view, static_graph=args.ddp_static_graph)
+    """DDP with the --ddp-* options (both off by default: scripts/gpu_report.py measures them).
+
+    No buffer broadcast before each forward (DDP's default copies rank 0's buffers to every rank at
+    every step): the only buffers of our models are the RoPE frequencies, constants that training
+    never changes (models_vit5.RotaryEmbedding2D), computed alike on every rank. Recent torch names
+    the switch forward_sync_buffers (and deprecates broadcast_buffers); older torch, broadcast_buffers.
+    """
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_sync = ('forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(ddp.__init__).parameters
+               else 'broadcast_buffers')
+    return ddp(model, device_ids=[device.index] if device.type == 'cuda' else None, **{no_sync: False},
+               gradient_as_bucket_view=args.ddp_bucket_view, static_graph=args.ddp_static_graph)
 
 
 def compile_model(model: nn.Module, mode: str = 'default') -> nn.Module:
@@ -607,14 +647,51 @@ def compile_model(model: nn.Module, mode: str = 'default') -> nn.Module:
     return torch.compile(model, mode=mode)
 
 
+class HostModelEma(ModelEmaV3):
+    """timm's ModelEmaV3, whose update also runs in one piece when the EMA lives on another device than
+    the model (--model-ema-force-cpu).
+
+    There timm turns its foreach update off and copies the model over tensor by tensor, each copy a
+    wait for the device (about 150 per step for ViT-B). Here the model's whole state goes over in one
+    foreach copy into pinned host buffers, queued without waiting; one wait for them to land; then
+    the same foreach lerp as on one device.
+    """
+
+    def __init__(self, model: nn.Module, **kwargs):
+        super().__init__(model, **kwargs)
+        self._staged = None  # host copies of the model's state, reused every update
+
+    def crosses_devices(self, values: list) -> bool:
+        """True when the model's state (`values`) is on another device than the EMA."""
+        return self.device is not None and bool(values) and values[0].device != self.device
+
+    def apply_update_(self, model: nn.Module, decay: float):
+        values = [v.detach() for v in model.state_dict().values()]
+        if not self.crosses_devices(values):
+            return super().apply_update_(model, decay)
+        source = values[0].device
+        cuda = source.type == 'cuda' and torch.cuda.is_available()
+        if self._staged is None:
+            self._staged = [torch.empty(v.shape, dtype=v.dtype, device=self.device, pin_memory=cuda) for v in values]
+        torch._foreach_copy_(self._staged, values, non_blocking=cuda)
+        if cuda:
+            torch.cuda.current_stream(source).synchronize()  # the update's one wait: the copies have landed
+        ema = list(self.module.state_dict().values())
+        floats = [i for i, e in enumerate(ema) if e.is_floating_point()]
+        self._foreach_lerp_([ema[i] for i in floats], [self._staged[i] for i in floats], weight=1. - decay)
+        for e, staged in zip(ema, self._staged):
+            if not e.is_floating_point():
+                e.copy_(staged)
+
+
 def build_ema(args, model: nn.Module):
     """timm's ModelEmaV3 with its foreach update: one multi-tensor lerp over weights and buffers per
-    optimizer step, no per-tensor Python loop. (--model-ema-force-cpu keeps the EMA elsewhere than
-    the model, where timm copies tensor by tensor.)"""
+    optimizer step, no per-tensor Python loop; with --model-ema-force-cpu, on the CPU (HostModelEma:
+    one foreach copy to the host and one wait per step)."""
     if not args.model_ema:
         return None
-    return ModelEmaV3(model, decay=args.model_ema_decay, foreach=True,
-                      device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    return HostModelEma(model, decay=args.model_ema_decay, foreach=True,
+                        device=torch.device('cpu') if args.model_ema_force_cpu else None)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -696,6 +773,7 @@ def main(args) -> dict:
     utils.init_distributed(args, device.type)
     if device.type == 'cuda':
         device = torch.device('cuda', args.local_rank if args.distributed else (device.index or 0))
+        torch.cuda.set_device(device)  # device-less CUDA calls (the pin-memory thread's) go to this GPU, not GPU 0
     else:
         set_cpu_threads(args.num_workers)
     try:

@@ -213,7 +213,10 @@ def rope_angles(freqs: torch.Tensor, n_rows: int, n_cols: int, grid: Tuple[int, 
 class RotaryEmbedding2D(nn.Module):
     """The frequencies of a 2D rotary embedding built for an (n_rows, n_cols) grid; see `rope_angles`.
 
-    `freqs` is a persistent buffer because the released checkpoints carry it.
+    `freqs` is a persistent buffer because the released checkpoints carry it. It is a constant:
+    nothing changes it during training (no optimizer sees it, and the EMA's lerp of equal values
+    leaves it as it is). These are the only buffers of the model, which is why main.wrap_ddp tells
+    DDP not to broadcast the buffers before every forward.
     """
 
     def __init__(self, head_dim: int, grid: Tuple[int, int], theta: float = 10000.):
@@ -383,12 +386,13 @@ def check_attn_backend(name: str) -> str:
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """flash-attn kernels on (B, nh, N, hd) tensors; they take fp16/bf16 only."""
     from flash_attn import flash_attn_func
-    dtype = q.dtype
+    in_dtype = dtype = q.dtype
     if dtype not in (torch.float16, torch.bfloat16):
         dtype = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else torch.bfloat16
     q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))  # (B, N, nh, hd)
     out = flash_attn_func(q, k, v, dropout_p=dropout_p)
-    return out.transpose(1, 2)
+    # back in the input's dtype: a float32 model without autocast gets float32 for its proj Linear
+    return out.transpose(1, 2).to(in_dtype)
 
 
 class Block(nn.Module):
@@ -590,7 +594,8 @@ class VisionTransformer5(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-        self._rope_cache = {}  # (rows, cols, device, dtype, freq versions) -> (cos, sin), eager only
+        # (rows, cols, device, dtype) -> (the frequency buffers and their versions, (cos, sin)); eager only
+        self._rope_cache = {}
         self.init_weights()
 
     # ---- construction helpers -------------------------------------------------------------
@@ -690,18 +695,29 @@ class VisionTransformer5(nn.Module):
     @torch.jit.unused
     def cached_rope_tables(self, n_rows: int, n_cols: int,
                            dtype: torch.dtype) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """rope_tables, built once per (grid, device, dtype) in eager. The key includes the buffers'
-        versions, so loading new weights rebuilds them."""
+        """rope_tables, built once per (grid, device, dtype) in eager: at most one entry each.
+
+        An entry remembers the frequency buffers it was built from and their versions; when either
+        changed (new weights loaded, the buffers replaced or written in place) it is rebuilt in place
+        of the old one, so the cache never grows with the number of steps. The tables are built as
+        ordinary tensors even under torch.inference_mode(), so a later training forward at the same
+        size can save them for its backward.
+        """
         if len(self.blocks) == 0:
             return None
         attn = self.blocks[0].attn
         freqs = [m.freqs for m in (attn.rope, attn.rope_reg) if m is not None]
         if not freqs:
             return None
-        key = (n_rows, n_cols, freqs[0].device, dtype, tuple(b._version for b in freqs))
-        if key not in self._rope_cache:
-            self._rope_cache[key] = self.rope_tables(n_rows, n_cols, dtype)
-        return self._rope_cache[key]
+        key = (n_rows, n_cols, freqs[0].device, dtype)
+        # (an inference tensor keeps no version: one made under inference_mode cannot change outside it)
+        source = tuple((b, -1 if b.is_inference() else b._version) for b in freqs)
+        entry = self._rope_cache.get(key)
+        if entry is None or len(entry[0]) != len(source) or any(
+                b is not old or v != old_v for (b, v), (old, old_v) in zip(source, entry[0])):
+            with torch.inference_mode(False), torch.no_grad():
+                entry = self._rope_cache[key] = (source, self.rope_tables(n_rows, n_cols, dtype))
+        return entry[1]
 
     def _pos_embed(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """(B, h*w, D) patch tokens -> (B, 1 + R + h*w, D): cls, registers, patches + position embedding."""

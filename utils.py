@@ -66,12 +66,27 @@ def launcher_env() -> dict:
     return {}
 
 
+# How long a collective may wait for the other ranks before the run fails (--dist-timeout, minutes).
+# PyTorch's default is 10 minutes; ranks legitimately wait longer than that on rank 0's checkpoint writes
+# and on uneven compile times (max-autotune), so a plain 10 would kill healthy runs.
+DIST_TIMEOUT_MINUTES = 30.0
+
+
+def dist_timeout(args) -> datetime.timedelta:
+    """The collective timeout of the process group: --dist-timeout minutes (DIST_TIMEOUT_MINUTES without one)."""
+    minutes = args.dist_timeout if getattr(args, 'dist_timeout', None) else DIST_TIMEOUT_MINUTES
+    return datetime.timedelta(minutes=minutes)
+
+
 def init_distributed(args, device_type: str) -> None:
     """Join the process group the launcher describes; a plain `python main.py` stays single-process.
 
     Sets args.distributed, args.rank, args.world_size and args.local_rank. NCCL on CUDA, gloo
     otherwise. One process (a SLURM job of one task, torchrun with one) stays single-process unless
     --distributed asks for a group of one, which runs the DDP code path on a single GPU.
+    On CUDA the group is bound to GPU `local_rank` (device_id), so NCCL never guesses the GPU from
+    the global rank (SLURM's cyclic layouts, one visible GPU per task). Every backend gets the
+    collective timeout of `dist_timeout(args)`.
     """
     env = launcher_env()
     if args.world_size not in (1, env.get('world_size', 1)):
@@ -94,11 +109,14 @@ def init_distributed(args, device_type: str) -> None:
                                   f'(or pass --dist_url tcp://HOST:PORT)')
         os.environ.setdefault('RANK', str(args.rank))
         os.environ.setdefault('WORLD_SIZE', str(args.world_size))
+    bind = {}
     if device_type == 'cuda':
         torch.cuda.set_device(args.local_rank)
+        bind = dict(device_id=torch.device('cuda', args.local_rank))
     backend = 'nccl' if device_type == 'cuda' else 'gloo'
-    dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
-    dist.barrier()
+    dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
+                            timeout=dist_timeout(args), **bind)
+    dist.barrier(device_ids=[args.local_rank] if device_type == 'cuda' else None)
     quiet_non_main_ranks(args.rank == 0)
     print(f'Distributed: {args.world_size} process(es), {backend} backend')
 

@@ -8,6 +8,11 @@ Sections, run in this order; one that cannot finish in the time left (--budget-s
   correctness     released-layout ViT-5-S: bf16 logits vs float32; SDPA vs explicit-softmax attention
   sync            engine.train_one_epoch, 21 steps of the real step, under torch.cuda.set_sync_debug_mode('error')
                   everywhere but the log-step reads (utils.sync_allowed); alone and under 1-process DDP
+  cuda_paths      the CUDA-only paths of a run: main.py's real gpu data pipeline (DataLoader workers, pinned
+                  memory, DeviceLoader) feeding train_one_epoch and evaluate, its syncs counted outside the
+                  log-step reads; the RoPE table cache after N DDP steps, an inference_mode forward and a
+                  step after it; DeviceAugment with TF32 on against off; the CPU EMA (--model-ema-force-cpu)
+                  against the one on the GPU
   table_eager     the training step (scripts/benchmark.py --mode step: main.py's recipe) and the bare model
                   step: vit5_small@224 vs timm vit_small_patch16_224, vit5_base@192 vs timm
                   vit_base_patch16_224 built at 192; img/s, ratio (interleaved rounds), MFU, peak memory
@@ -35,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,8 +49,11 @@ import timm
 
 from common import REPO, Parser, parse_model_kwargs
 import benchmark
+import make_photo_folder
 import prepare_digits
 from benchmark import Entry
+import engine  # noqa: E402
+import gpu_augment  # noqa: E402
 import main as main_py  # noqa: E402
 
 # what the issue asks of one H100 / H200, bf16, batch 256, the real step
@@ -263,6 +272,179 @@ def sync_result(report, result: dict, what: str) -> dict:
                    f"outside the log-step reads (steps 0, 10, 20)")
 
 
+def count_syncs(report, fn):
+    """(fn(), the device syncs it made outside utils.sync_allowed, the first one's message): CUDA's sync
+    debug mode on 'warn' around fn, every warning it raises counted. Without CUDA: (fn(), None, '')."""
+    if not report.cuda:
+        return fn(), None, ''
+    torch.cuda.synchronize(report.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if 'synchroniz' in str(w.message)]
+    return result, len(syncs), syncs[0].splitlines()[0][:300] if syncs else ''
+
+
+def loader_check(report, ours: str) -> dict:
+    """main.py's gpu data pipeline as a run builds it (build_loaders: DataLoader workers decoding JPEG
+    photos, pinned memory, DeviceLoader's side stream and DeviceAugment) feeding the real training step
+    for an epoch, then evaluate over the validation loader; the syncs of a second epoch and evaluation
+    are counted (the first warms up the allocators and the optimizer state)."""
+    full = report.scale is FULL
+    img, batch, sides = (224, 64, (256, 500)) if full else (32, 4, (48, 96))  # photo sides: ImageNet-like on a GPU
+    with tempfile.TemporaryDirectory() as tmp:
+        with contextlib.redirect_stdout(io.StringIO()):
+            make_photo_folder.main(['--out', tmp, '--train', str(6 * batch), '--val', str(3 * batch),
+                                    '--min-side', str(sides[0]), '--max-side', str(sides[1])])
+        argv = ['--model', ours, '--input-size', str(img), '--batch-size', str(batch), '--data-set', 'FOLDER',
+                '--data-path', tmp, '--device', str(report.device), '--ThreeAugment', '--data-pipeline', 'gpu',
+                '--num_workers', str(report.scale.main_workers)]
+        args = main_py.parse_args(argv)
+        with contextlib.redirect_stdout(io.StringIO()):
+            loader_train, loader_val, _, _ = main_py.build_loaders(args, report.device)
+        runner = benchmark.make_runners(report.bench_args([ours], img, ['step']), [Entry(ours)])[0]
+        model, dtype = runner.eager, runner.amp_dtype
+
+        def epoch():
+            stats = runner.train_epoch(loader_train, print_freq=10)
+            with contextlib.redirect_stdout(io.StringIO()):
+                return stats, engine.evaluate(loader_val, model, report.device, dtype)
+
+        epoch()  # warm-up
+        (train, val), syncs, first = count_syncs(report, epoch)
+    ok = syncs in (0, None) and math.isfinite(train['loss']) and val['n'] == 3 * batch
+    return dict(ok=ok, checked=report.cuda, syncs=syncs, first_sync=first, train_batches=len(loader_train),
+                val_images=val['n'], loader=type(loader_train).__name__, pinned=bool(args.pin_mem and report.cuda))
+
+
+def rope_cache_check(report, ours: str, img: int) -> dict:
+    """The recipe's step under DDP (main.wrap_ddp, EMA, LAMB) for N steps: the RoPE table cache of the model
+    and of its EMA hold at most one entry for the one (grid, device, dtype); the frequency buffers kept
+    their version (no broadcast). Then an inference_mode forward, and a training step after it."""
+    n = 20 if report.scale is FULL else 5
+    runner = benchmark.make_runners(report.bench_args([ours], img, ['step']), [Entry(ours, 'DDP', ddp=True)])[0]
+    model = runner.eager
+    runner.recipe_parts()  # wraps the model in DDP, whose construction syncs the buffers once
+    versions = [b._version for b in model.buffers()]
+    runner.train_epoch(benchmark.SameBatch(runner.x, runner.y, n))
+    ema = runner.recipe_parts()['ema']
+    with torch.no_grad(), runner.autocast:
+        ema.module(runner.x[:2])  # what the per-epoch EMA evaluation does
+    sizes = dict(model=len(model._rope_cache), ema=len(ema.module._rope_cache))
+    after_inference = 'ok'
+    model.eval()
+    with torch.inference_mode(), runner.autocast:
+        model(runner.x[:2])
+    model.train()
+    try:
+        runner.train_epoch(benchmark.SameBatch(runner.x, runner.y, 1))
+    except RuntimeError as err:
+        after_inference = str(err).strip().splitlines()[0][:300]
+    ddp = runner.recipe_parts()['model']
+    unchanged = versions == [b._version for b in model.buffers()]
+    ok = max(sizes.values()) <= 1 and after_inference == 'ok'
+    return dict(ok=ok, steps=n, cache_entries=sizes, buffer_versions_unchanged=unchanged,
+                broadcast_buffers=getattr(ddp, 'broadcast_buffers', None), after_inference_mode=after_inference)
+
+
+def augment_batches(img: int) -> list:
+    """A ThreeAugment batch and an evaluation batch of 16 crops of the photos in scikit-learn, as collated."""
+    from sklearn.datasets import load_sample_images
+    from PIL import Image
+    photos = load_sample_images().images
+    g = torch.Generator().manual_seed(0)
+    crops = []
+    for i in range(16):
+        p = photos[i % 2]
+        h, w = (int(v) for v in torch.randint(img // 2, min(p.shape[:2]), (2,), generator=g))
+        crops.append(Image.fromarray(p[:h, :w]))
+    torch.manual_seed(0)  # the draws' generator
+    batches = []
+    for draw in (gpu_augment.ThreeAugmentDraw(img), gpu_augment.EvalResizeDraw(img)):
+        batches.append(gpu_augment.collate([(draw(c), 0) for c in crops]))
+    return batches
+
+
+def tf32_check(report, img: int) -> dict:
+    """DeviceAugment on a train and an eval batch with float32 matmul precision 'highest' and 'high' (what
+    --tf32 sets): the pixels must be identical. Also how far they move when the guard
+    (gpu_augment.full_float32) is lifted, to show what it prevents on this device."""
+    augment = gpu_augment.DeviceAugment(img)
+    before = torch.get_float32_matmul_precision()
+    out, moved = {}, []
+    try:
+        for rows, params, _ in augment_batches(img):
+            rows = rows.to(report.device)
+            for precision in ('highest', 'high'):
+                torch.set_float32_matmul_precision(precision)
+                out[precision] = augment(rows, params)
+            guard, gpu_augment.full_float32 = gpu_augment.full_float32, contextlib.nullcontext
+            try:
+                unguarded = augment(rows, params)  # precision 'high' still set
+            finally:
+                gpu_augment.full_float32 = guard
+            moved.append(dict(identical=torch.equal(out['highest'], out['high']),
+                              unguarded_pixels_moved=(unguarded != out['highest']).float().mean().item()))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    return dict(ok=all(m['identical'] for m in moved), batches=dict(zip(('train', 'eval'), moved)))
+
+
+def ema_host_check(report, ours: str, img: int) -> dict:
+    """--model-ema-force-cpu (one foreach copy to pinned host memory per update) against the EMA on the model's
+    device, after 3 updates of a changing model."""
+    model = report.model(ours, img)
+    parse = main_py.get_args_parser().parse_args
+    host = main_py.build_ema(parse(['--model-ema-decay', '0.9', '--model-ema-force-cpu']), model)
+    same = main_py.build_ema(parse(['--model-ema-decay', '0.9']), model)
+    g = torch.Generator(report.device).manual_seed(0)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, device=p.device, generator=g), alpha=1e-2)
+        host.update(model)
+        same.update(model)
+    ref = same.module.state_dict()
+    worst = max(((v - ref[k].cpu()).abs().max() / ref[k].abs().max().clamp_min(1e-12)).item()
+                for k, v in host.module.state_dict().items())
+    on_cpu = next(host.module.parameters()).device.type == 'cpu'
+    return dict(ok=on_cpu and worst <= 1e-6, ema_device=str(next(host.module.parameters()).device), rel_diff=worst)
+
+
+def section_cuda_paths(report) -> dict:
+    """What only a GPU shows of the CUDA-only paths: the real loader's syncs, the RoPE cache
+    under DDP, TF32 and the augmentation, the host EMA."""
+    _, ours, img = report.scale.pairs[0]
+    checks = dict(loader=loader_check(report, ours))
+    report.free()
+    checks['rope_cache_ddp'] = rope_cache_check(report, ours, img)
+    report.free()
+    checks['tf32_augment'] = tf32_check(report, img)
+    checks['ema_force_cpu'] = ema_host_check(report, ours, img)
+    loader, rope, tf32, ema = checks.values()
+    first = f": `{loader['first_sync']}`" if loader['syncs'] else ''
+    md = [f"- gpu data pipeline ({loader['loader']}, pinned memory: {'yes' if loader['pinned'] else 'no'}) feeding "
+          f"{loader['train_batches']} training steps and evaluate over {loader['val_images']} images: "
+          + (f"{loader['syncs']} sync(s) outside the log-step reads{first}" if loader['checked']
+             else 'ran; the sync count needs CUDA'),
+          f"- RoPE table cache after {rope['steps']} DDP steps (broadcast_buffers={rope['broadcast_buffers']}): "
+          f"{rope['cache_entries']['model']} entry in the model, {rope['cache_entries']['ema']} in the EMA; buffer "
+          f"versions {'unchanged' if rope['buffer_versions_unchanged'] else 'changed'}; a step after an "
+          f"inference_mode forward: {rope['after_inference_mode']}",
+          '- DeviceAugment, TF32 on against off: ' + ', '.join(
+              f"{k} batch {'identical' if v['identical'] else '**differs**'} (without the guard "
+              f"{100 * v['unguarded_pixels_moved']:.2f}% of values move)" for k, v in tf32['batches'].items()),
+          f"- --model-ema-force-cpu EMA ({ema['ema_device']}) against the EMA on the model's device: max relative "
+          f"difference {ema['rel_diff']:.1e}"]
+    ok = all(c['ok'] for c in checks.values())
+    status = 'fail' if not ok else 'pass' if report.cuda else 'info'
+    return dict(status=status, details=checks, md='\n'.join(md))
+
+
 def amp_dtype(report):
     return torch.bfloat16 if report.cuda else torch.float32
 
@@ -452,7 +634,8 @@ def section_cudagraphs(report) -> dict:
 
 # (name, seconds it may need on a GPU, function); the order is the priority under --budget-s
 SECTIONS = [('env', 5, section_env), ('correctness', 30, section_correctness), ('sync', 40, section_sync),
-            ('table_eager', 120, section_table_eager), ('main_nccl', 90, section_main_nccl),
+            ('cuda_paths', 60, section_cuda_paths), ('table_eager', 120, section_table_eager),
+            ('main_nccl', 90, section_main_nccl),
             ('optimizer', 40, section_optimizer), ('table_compiled', 300, section_table_compiled),
             ('knobs', 200, section_knobs), ('cudagraphs', 420, section_cudagraphs)]
 

@@ -14,8 +14,8 @@ def test_every_section_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / 'gpu_report.json').read_text())
     status = {name: s['status'] for name, s in report['sections'].items()}
-    assert status == dict(env='info', correctness='pass', sync='info', table_eager='info', table_compiled='pass',
-                          main_nccl='pass', optimizer='info', knobs='info', cudagraphs='skipped')
+    assert status == dict(env='info', correctness='pass', sync='info', cuda_paths='info', table_eager='info',
+                          table_compiled='pass', main_nccl='pass', optimizer='info', knobs='info', cudagraphs='skipped')
     assert report['config']['tiny'] and report['goals'] == []  # goals are judged at full GPU settings only
     sections = report['sections']
     checks = sections['correctness']['details']['checks']
@@ -23,6 +23,10 @@ def test_every_section_runs_on_cpu(tmp_path):
                            'SDPA vs explicit softmax, bf16'} and all(c['ok'] for c in checks.values())
     assert sections['sync']['details']['ok'] and sections['sync']['details']['ddp']['ok']
     assert sections['table_compiled']['details']['sync']['ok']
+    paths = sections['cuda_paths']['details']  # the sync count itself needs CUDA
+    assert all(c['ok'] for c in paths.values()) and paths['loader']['syncs'] is None
+    assert paths['rope_cache_ddp']['cache_entries'] == dict(model=1, ema=1)
+    assert paths['rope_cache_ddp']['broadcast_buffers'] is False
     table = sections['table_eager']['details']['tables']['vit5_small@32']['models']
     assert set(table) == {'vit_small_patch16_224', 'vit5_small'}
     assert all(m['step_img_s'] > 0 and m['train_img_s'] > 0 and 'step_mfu' in m for m in table.values())
