@@ -10,7 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 import types
 from pathlib import Path
 
@@ -473,21 +473,28 @@ def test_failed_run_leaves_no_output_folder(data, tmp_path, capsys):
 def test_ctrl_c_is_one_line_exit_130_and_keeps_the_last_checkpoint(data, tmp_path):
     out = tmp_path / 'run'
     argv = TINY + ['--data-path', data, '--output_dir', out, '--epochs', 10000, '--batch', 4, '--num_workers', 1]
-    proc = subprocess.Popen([sys.executable, str(REPO / 'main.py'), *map(str, argv)], cwd=REPO, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    with open(tmp_path / 'stderr', 'w') as stderr:
+        proc = subprocess.Popen([sys.executable, str(REPO / 'main.py'), *map(str, argv)], cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=stderr, start_new_session=True,
+                                env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'})
+    watchdog = threading.Timer(300, proc.kill)  # a hung run ends the wait below (and fails) instead of the suite
+    watchdog.start()
     try:
-        deadline = time.time() + 120
-        while not (out / 'checkpoint.pth').exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # into a later epoch, or a checkpoint write
+        # wait on the run itself: epoch 1's first progress line comes after epoch 0's checkpoint was written
+        for line in proc.stdout:
+            if line.startswith('Epoch: [1] ['):
+                break
+        else:
+            pytest.fail(f'the run ended (code {proc.wait()}) before epoch 1: {(tmp_path / "stderr").read_text()}')
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group, the loader worker too
-        err = proc.communicate(timeout=60)[1]
+        proc.communicate(timeout=60)
     finally:
+        watchdog.cancel()
         proc.kill()
     ckpt = out / 'checkpoint.pth'
     assert proc.returncode == 130
-    assert err == f'interrupted; {ckpt} holds the last finished epoch (continue with --resume {ckpt})\n'
+    assert (tmp_path / 'stderr').read_text() == (f'interrupted; {ckpt} holds the last finished epoch (continue with '
+                                                 f'--resume {ckpt})\n')
     assert utils.load_checkpoint(str(ckpt))['epoch'] >= 0
     assert not [p.name for p in out.iterdir() if p.name.endswith('.tmp')]
 
