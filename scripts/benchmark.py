@@ -32,7 +32,6 @@ import dataclasses
 import io
 import json
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -311,12 +310,10 @@ def ensure_process_group(device: torch.device) -> None:
     """A 1-process group on a free local port (NCCL on CUDA, gloo otherwise), for --ddp."""
     if dist.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
     if device.type == 'cuda':
         torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', init_method=f'tcp://127.0.0.1:{port}',
+    # port 0: the group's store binds a free port itself and keeps it (no other process needs to find it)
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', init_method='tcp://127.0.0.1:0',
                             rank=0, world_size=1)
 
 

@@ -2,7 +2,6 @@
 update paths. Kept apart from test_main.py (the run end to end) so each stays one subject."""
 import builtins
 import math
-import socket
 
 import pytest
 import timm
@@ -124,10 +123,8 @@ def test_tf32_flag_sets_float32_matmul_precision():
 
 @pytest.fixture
 def one_process_group(monkeypatch):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', world_size=1, rank=0)
+    # port 0: the group's store binds a free port itself and keeps it (a group of one has no one to tell)
+    dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', world_size=1, rank=0)
     monkeypatch.setattr(builtins, 'print', builtins.print)
     yield
     dist.destroy_process_group()
