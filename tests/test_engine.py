@@ -75,7 +75,7 @@ def test_clipping_acts_on_the_accumulated_gradient():
         torch.testing.assert_close(p.detach(), e)
 
 
-def test_ema_follows_every_optimizer_step():
+def test_ema_updates_once_per_optimizer_step():
     class CountingEma:
         updates = 0
 
