@@ -94,8 +94,9 @@ def train_one_epoch(
 
     Gradients accumulate over windows of `accum_iter` batches; the final window of the epoch may be
     shorter and is stepped too, its loss averaged over its own length. `model_ema` follows every
-    optimizer step taken (float16's scaler skips one whose gradient is not finite, the EMA with it). The host reads the device (one sync, one collective) only where a progress line
-    is due, every `print_freq` steps and at the last: there the losses are averaged over ranks, and a
+    optimizer step taken (float16's scaler skips one whose gradient is not finite, and the EMA with
+    it). The host reads the device (one sync, one collective) only where a progress line is due,
+    every `print_freq` steps and at the last: there the losses are averaged over ranks, and a
     non-finite loss on any rank since the previous read raises NonFiniteLossError on all ranks
     (naming the step where it appeared), before anything of the epoch is saved.
     """

@@ -181,8 +181,10 @@ def fp16_run(photos, tmp_path_factory):
     states, real = [], main.build_optimizer
 
     def recording_optimizer(args, model, device):
+        def snapshot(*_):
+            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
         optimizer = real(args, model, device)
-        snapshot = lambda *_: states.append({k: v.detach().clone() for k, v in model.state_dict().items()})  # noqa: E731
         snapshot()
         optimizer.register_step_post_hook(snapshot)
         return optimizer
