@@ -31,8 +31,9 @@ class TrainStep:
 
     Nothing here copies a device value to the host, so the CPU queues step after step while the
     device works, and a CUDA-graph compile mode can replay the model's part (static shapes come
-    from drop_last). The one exception is float16's GradScaler, whose skip-step decision needs a
-    host read per optimizer step; bfloat16 and float32 have none.
+    from drop_last). The one exception is float16's GradScaler: its skip-step decision needs a host
+    read per optimizer step, and a second read tells the EMA whether the step was taken (a skipped
+    step leaves weights and EMA alike unchanged); bfloat16 and float32 have none.
     """
 
     def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
@@ -42,6 +43,7 @@ class TrainStep:
         self.device, self.amp_dtype, self.max_norm = device, amp_dtype, max_norm
         self.model_ema, self.mixup_fn, self.cosub = model_ema, mixup_fn, cosub
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.scale = scaler.get_scale()  # float16: the scale before the next step (1.0, no read, otherwise)
 
     def __call__(self, samples: torch.Tensor, targets: torch.Tensor, window: int = 1,
                  update: bool = True) -> torch.Tensor:
@@ -68,8 +70,16 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         clear_grads(self.optimizer)
-        if self.model_ema is not None:
+        if self.model_ema is not None and not self.step_skipped():
             self.model_ema.update(unwrap_model(self.model))
+
+    def step_skipped(self) -> bool:
+        """True when float16's GradScaler has just skipped the step (an inf or NaN gradient): it lowers its
+        scale then, and only then. One host read under float16; none without a scaler."""
+        if not self.scaler.is_enabled():
+            return False
+        before, self.scale = self.scale, self.scaler.get_scale()
+        return self.scale < before
 
 
 def train_one_epoch(
@@ -93,8 +103,9 @@ def train_one_epoch(
 
     Gradients accumulate over windows of `accum_iter` batches; the final window of the epoch may be
     shorter and is stepped too, its loss averaged over its own length. `model_ema` follows every
-    optimizer step. The host reads the device (one sync, one collective) only where a progress line
-    is due, every `print_freq` steps and at the last: there the losses are averaged over ranks, and a
+    optimizer step taken (float16's scaler skips one whose gradient is not finite, and the EMA with
+    it). The host reads the device (one sync, one collective) only where a progress line is due,
+    every `print_freq` steps and at the last: there the losses are averaged over ranks, and a
     non-finite loss on any rank since the previous read raises NonFiniteLossError on all ranks
     (naming the step where it appeared), before anything of the epoch is saved.
     """

@@ -724,12 +724,26 @@ def resume_training(args, ckpt, model, model_ema, optimizer, scheduler, scaler):
         else:
             print(f'{path} has no EMA weights: the EMA restarts from the model')
             model_ema.set(model)
-    rng = ckpt.get('rng')
-    if isinstance(rng, list) and len(rng) == utils.get_world_size():
+    rng, world = ckpt.get('rng'), utils.get_world_size()
+    if isinstance(rng, list) and len(rng) == world:
         utils.set_rng_state(rng[utils.get_rank()])
+    elif isinstance(rng, list):
+        print(world_change_note(args, ckpt, path, saved_world=len(rng)))
     else:
-        print(f'{path} has no RNG state for {utils.get_world_size()} process(es): random streams start afresh')
+        print(f'{path} has no RNG state: random streams start afresh from --seed + rank')
     return ckpt['epoch'] + 1, ckpt.get('max_accuracy')
+
+
+def world_change_note(args, ckpt, path: str, saved_world: int) -> str:
+    """Resuming with another number of processes continues the run: the one line saying what that means."""
+    world = utils.get_world_size()
+    saved = ckpt.get('args')
+    batch = args.batch_size * args.accum_iter * world
+    saved_batch = getattr(saved, 'batch_size', 0) * getattr(saved, 'accum_iter', 1) * saved_world
+    change = f' (global batch {saved_batch} -> {batch})' if saved_batch and saved_batch != batch else ''
+    return (f'Resuming {path}, saved by {saved_world} process(es), in {world}: random streams start afresh from '
+            f'--seed + rank, the sampler deals the data over {world} process(es), and the lr schedule continues '
+            f'as saved{change}')
 
 
 def check_finite_weights(*models) -> None:

@@ -32,7 +32,6 @@ import dataclasses
 import io
 import json
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -70,11 +69,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--models', nargs='+', required=True, help='timm model names (ours: vit5_small, ...)')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V',
                    help='constructor keywords for every model, e.g. depth=2 (tiny smoke runs)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cpu, cuda, cuda:1, ... (default: cuda when present)')
     p.add_argument('--amp-dtype', choices=list(DTYPES), default=None,
                    help='autocast dtype (default: float32 on CPU = no autocast, bfloat16 on CUDA)')
     p.add_argument('--batch-size', type=int, default=None, help='default: 64 on CUDA, 8 on CPU')
-    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--img-size', type=int, default=224, help='image side in pixels (default 224)')
     p.add_argument('--compile', action='store_true', help='torch.compile each model (mode default)')
     p.add_argument('--compile-mode', choices=main_py.COMPILE_MODES, default=None,
                    help="torch.compile mode, as main.py's --compile-mode (implies --compile)")
@@ -311,12 +311,10 @@ def ensure_process_group(device: torch.device) -> None:
     """A 1-process group on a free local port (NCCL on CUDA, gloo otherwise), for --ddp."""
     if dist.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
     if device.type == 'cuda':
         torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', init_method=f'tcp://127.0.0.1:{port}',
+    # port 0: the group's store binds a free port itself and keeps it (no other process needs to find it)
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', init_method='tcp://127.0.0.1:0',
                             rank=0, world_size=1)
 
 

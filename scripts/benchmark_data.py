@@ -32,10 +32,11 @@ from common import Parser, fail
 def get_args_parser():
     p = Parser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data', required=True, help='an ImageFolder with train/ (and val/), e.g. from make_photo_folder.py')
-    p.add_argument('--input-size', type=int, default=224)
+    p.add_argument('--input-size', type=int, default=224, help='image side the pipelines produce (default 224)')
     p.add_argument('--batch-size', type=int, default=128, help='per loader batch (default 128)')
     p.add_argument('--workers', type=int, nargs='+', default=[1, 2], help='DataLoader worker counts to measure')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help="where the gpu pipeline's augmentation and the training steps run (default: cuda when present)")
     p.add_argument('--images', type=int, default=200, help='images per stage and round in the per-core measurement')
     p.add_argument('--rounds', type=int, default=3, help='per-core rounds, stages alternating; medians are reported')
     p.add_argument('--batches', type=int, default=10, help='timed batches per loader (and training) measurement')

@@ -103,9 +103,12 @@ def test_benchmark_errors_are_one_line(argv, message):
     assert message in msg and '\n' not in msg
 
 
-def test_benchmark_help_lists_every_flag():
-    text = benchmark.get_args_parser().format_help()
+def test_benchmark_help_lists_every_flag_with_a_description():
+    parser = benchmark.get_args_parser()
+    text = parser.format_help()
     for flag in ('--models', '--device', '--amp-dtype', '--batch-size', '--img-size', '--compile', '--steps',
                  '--warmup', '--rounds', '--mode', '--peak-tflops', '--json', '--compile-mode', '--main-args',
                  '--sdpa-backend', '--ddp', '--model-kwargs'):
         assert flag in text
+    for action in parser._actions:  # every option the parser has, not only those above
+        assert action.help and all(s in text for s in action.option_strings), action.option_strings

@@ -69,8 +69,11 @@ def test_errors_are_one_line(argv, message, photos, capsys):
     assert exc.value.code != 0 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
-def test_help_lists_every_flag():
-    text = benchmark_data.get_args_parser().format_help()
+def test_help_lists_every_flag_with_a_description():
+    parser = benchmark_data.get_args_parser()
+    text = parser.format_help()
     for flag in ('--data', '--input-size', '--batch-size', '--workers', '--device', '--images', '--rounds',
                  '--batches', '--warmup', '--skip', '--model', '--compile', '--json'):
         assert flag in text
+    for action in parser._actions:  # every option the parser has, not only those above
+        assert action.help and all(s in text for s in action.option_strings), action.option_strings

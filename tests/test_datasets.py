@@ -1,15 +1,25 @@
 import json
 import os
 import pickle
+import random
+import shlex
+import subprocess
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import create_transform
+from timm.data.auto_augment import RandAugment
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
+from augment import fix_posterize
 from datasets import DataError, build_dataset, build_transform
+from photos import photo_crops
+from tinyrun import REPO, parse
 
 
 def make_args(**kw):
@@ -248,3 +258,65 @@ def test_every_file_format_loads_as_rgb_with_its_content(tmp_path):
         tolerance = 130 if path.name == 'bilevel.png' else 12  # 1-bit dithering keeps only the layout
         assert np.abs(got - gray).mean() < tolerance, path.name
         assert np.corrcoef(got.ravel(), gray.ravel())[0, 1] > (0.3 if path.name == 'bilevel.png' else 0.95)
+
+
+# ---- the released fine-tuning transforms against timm's create_transform --------------------------------
+def transform_settings(transform) -> list:
+    """Each step of a Compose with what it is set to: the repr of plain steps (torchvision's ToTensor and
+    timm's MaybeToTensor are the same step on PIL images), Normalize's mean and std, and for timm's
+    RandAugment the layer count,
+    choice weights and each op's name, probability, magnitude (mean, std, max), hyperparameters and PIL
+    arguments."""
+    steps = []
+    for t in transform.transforms:
+        if isinstance(t, RandAugment):
+            steps.append(('RandAugment', t.num_layers, t.choice_weights, [
+                (op.name, op.prob, op.magnitude, op.magnitude_std, op.magnitude_max, op.hparams, op.kwargs)
+                for op in t.ops]))
+        elif isinstance(t, transforms.Normalize):  # timm holds mean and std as float32 tensors
+            steps.append(('Normalize', *(torch.as_tensor(v, dtype=torch.float32).tolist() for v in (t.mean, t.std))))
+        else:
+            steps.append(repr(t).replace('MaybeToTensor', 'ToTensor'))
+    return steps
+
+
+def released_finetune_args():
+    """main.py's arguments for the released fine-tuning command, as scripts/finetune_vit5.sh gives them."""
+    proc = subprocess.run(['bash', 'scripts/finetune_vit5.sh', 'small', '--dry-run', '--ckpt', 'CKPT', '--data-path',
+                           'DATA'], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    argv = shlex.split(proc.stdout.strip().splitlines()[-1])
+    return parse(argv[argv.index('main.py') + 1:])
+
+
+def test_finetune_transforms_are_timms_for_the_released_flags():
+    """The train and eval transforms of the released fine-tuning flags are the ones timm's create_transform
+    builds for the released settings (DeiT's call): the same steps and settings (random resized crop of
+    scale 0.08..1, bicubic; flip; RandAugment rand-m9-mstd0.5-inc1 with no colour jitter beside it; no random
+    erasing at --reprob 0; eval: bicubic resize to 224 / 1.0 and centre crop), and the same pixels on real
+    photo crops under the same seeds."""
+    args = released_finetune_args()
+    assert (args.input_size, args.aa, args.reprob, args.eval_crop_ratio) == (224, 'rand-m9-mstd0.5-inc1', 0.0, 1.0)
+    ours = dict(train=build_transform(True, args), eval=build_transform(False, args))
+    reference = dict(
+        train=create_transform(224, is_training=True, color_jitter=0.3, auto_augment='rand-m9-mstd0.5-inc1',
+                               interpolation='bicubic', re_prob=0.0, re_mode='pixel', re_count=1),
+        eval=create_transform(224, is_training=False, interpolation='bicubic', crop_pct=1.0))
+    for split in ('train', 'eval'):
+        assert transform_settings(ours[split]) == transform_settings(reference[split]), split
+    assert [type(t).__name__ for t in ours['train'].transforms] == [
+        'RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'RandAugment', 'MaybeToTensor', 'Normalize']
+    crop = ours['train'].transforms[0]
+    assert (crop.scale, crop.ratio, crop.interpolation) == ((0.08, 1.0), (3 / 4, 4 / 3), InterpolationMode.BICUBIC)
+    # the reference gets the same posterize as ours (a 0-bit draw gives black, augment.fix_posterize, tested in
+    # test_augment.py), so a rare 0-bit draw does not raise on Pillow 13
+    fix_posterize(reference['train'])
+    for i, image in enumerate(photo_crops(8, min_side=60, max_side=427, seed=5)):
+        for split in ('train', 'eval'):
+            outputs = []
+            for transform in (ours[split], reference[split]):
+                random.seed(i)
+                np.random.seed(i)
+                torch.manual_seed(i)
+                outputs.append(transform(image))
+            assert torch.equal(*outputs), (split, i)

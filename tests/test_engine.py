@@ -1,7 +1,9 @@
 """engine.train_one_epoch and engine.evaluate on toy models whose updates can be computed by hand,
 and the recipe's real step on a tiny ViT-5."""
+import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -73,7 +75,7 @@ def test_clipping_acts_on_the_accumulated_gradient():
         torch.testing.assert_close(p.detach(), e)
 
 
-def test_ema_follows_every_optimizer_step():
+def test_ema_updates_once_per_optimizer_step():
     class CountingEma:
         updates = 0
 
@@ -153,6 +155,7 @@ def test_steady_steps_never_read_the_device(monkeypatch):
         return wrapper
 
     loader = Batches((torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(25))
+    np.random.seed(0)  # timm's Mixup draws from numpy
     with monkeypatch.context() as mp:
         for name in HOST_READS:
             mp.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
@@ -214,3 +217,75 @@ def test_autocast_follows_the_requested_dtype():
     evaluate(loader, model, torch.device('cpu'), amp_dtype=torch.bfloat16)
     evaluate(loader, model, torch.device('cpu'), amp_dtype=torch.float32)
     assert dtypes == [torch.bfloat16, torch.float32]
+
+
+# ---- the EMA, the gradient scaler and clipping inside the step ------------------------------------
+def train_recording(model, loader, scaler, model_ema=None, accum_iter=1, max_norm=None, amp_dtype=torch.float32,
+                    lr=0.1):
+    """train_one_epoch with SGD; returns the weights after each optimizer step that was taken."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    after = []
+    opt.register_step_post_hook(lambda *_: after.append([p.detach().clone() for p in model.parameters()]))
+    train_one_epoch(model, DistillationLoss(nn.CrossEntropyLoss()), loader, opt, torch.device('cpu'), 0, scaler,
+                    amp_dtype, max_norm=max_norm, model_ema=model_ema, accum_iter=accum_iter)
+    return after
+
+
+def ema_formula(start, steps, decay):
+    """EMA of the weights after each step, in float64: e <- decay * e + (1 - decay) * w."""
+    ema = [p.double() for p in start]
+    for weights in steps:
+        ema = [decay * e + (1 - decay) * w.double() for e, w in zip(ema, weights)]
+    return ema
+
+
+def test_ema_is_the_formula_over_the_weights_after_each_step():
+    """timm's ModelEmaV3 (as main.build_ema makes it) follows the weights each optimizer step leaves, not
+    the ones before it: 3 steps of 2-batch windows, decay 0.5."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    start = [p.detach().clone() for p in model.parameters()]
+    ema = ModelEmaV3(model, decay=0.5, foreach=True)
+    after = train_recording(model, batches(6), torch.amp.GradScaler('cpu', enabled=False), ema, accum_iter=2)
+    assert len(after) == 3
+    for e, expected in zip(ema.module.parameters(), ema_formula(start, after, 0.5)):
+        torch.testing.assert_close(e.detach().double(), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('amp_dtype, tol', [(torch.float32, 1e-6), (torch.float16, 2e-3)])
+def test_scaled_gradients_are_unscaled_before_clipping(amp_dtype, tol):
+    """A gradient scaler (2^10) with clipping: the clipped gradient is the true accumulated one, so the
+    steps equal unscaled SGD with clipping by hand (exactly in float32; within float16 rounding under
+    float16 autocast on the CPU, torch's own GradScaler and autocast)."""
+    torch.manual_seed(0)
+    model, loader = nn.Linear(3, 2), batches(4)
+    expected = by_hand(model, loader, [[0, 1], [2, 3]], max_norm=0.05)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10)
+    train_recording(model, loader, scaler, accum_iter=2, max_norm=0.05, amp_dtype=amp_dtype)
+    assert scaler.get_scale() == 2.0 ** 10  # no step was skipped
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=tol, atol=tol)
+
+
+def test_a_skipped_step_leaves_weights_and_ema_unchanged():
+    """An infinite gradient (finite loss) at the second of three steps: float16's scaler skips that step
+    and halves its scale; the weights and the EMA are those of the two steps taken."""
+    torch.manual_seed(0)
+    model, loader = nn.Linear(3, 2), batches(3)
+    start = [p.detach().clone() for p in model.parameters()]
+    expected = by_hand(model, loader, [[0], [2]])
+    backward = []
+
+    def inf_at_step_1(grad):
+        backward.append(1)
+        return torch.full_like(grad, math.inf) if len(backward) == 2 else grad
+
+    model.weight.register_hook(inf_at_step_1)
+    ema = ModelEmaV3(model, decay=0.5, foreach=True)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 4)
+    after = train_recording(model, loader, scaler, ema)
+    assert len(after) == 2 and scaler.get_scale() == 2.0 ** 3
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e)
+    for e, formula in zip(ema.module.parameters(), ema_formula(start, after, 0.5)):
+        torch.testing.assert_close(e.detach().double(), formula, rtol=1e-6, atol=1e-7)

@@ -5,6 +5,9 @@ eager outputs of vit5_tiny (2 blocks) within 1e-4 in float32, and see only plain
 import io
 import warnings
 
+import onnx  # noqa: F401  (requirements-test.txt: the legacy exporter writes through it)
+import onnxruntime
+import onnxscript  # noqa: F401  (requirements-test.txt: the dynamo exporter needs it)
 import pytest
 import timm
 import torch
@@ -116,8 +119,7 @@ def test_torchscript_trace_save_load_in_training_mode():
 
 # ---- ONNX ---------------------------------------------------------------------------------------------
 def onnx_session(proto: bytes):
-    ort = pytest.importorskip('onnxruntime')
-    return ort.InferenceSession(proto, providers=['CPUExecutionProvider'])
+    return onnxruntime.InferenceSession(proto, providers=['CPUExecutionProvider'])
 
 
 def run_onnx(session, x):
@@ -125,7 +127,6 @@ def run_onnx(session, x):
 
 
 def test_onnx_legacy_exporter_dynamic_batch(model):
-    pytest.importorskip('onnx')
     x = inputs()[0]
     buf = io.BytesIO()
     torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=['image'],
@@ -135,7 +136,6 @@ def test_onnx_legacy_exporter_dynamic_batch(model):
 
 
 def test_onnx_dynamo_exporter_dynamic_batch_and_size(model):
-    pytest.importorskip('onnxscript')
     program = torch.onnx.export(model, (inputs()[0],), dynamo=True, dynamic_shapes=DYNAMIC, verbose=False)
     session = onnx_session(program.model_proto.SerializeToString())
     assert_same_logits(model, lambda t: run_onnx(session, t))

@@ -2,7 +2,6 @@
 update paths. Kept apart from test_main.py (the run end to end) so each stays one subject."""
 import builtins
 import math
-import socket
 
 import pytest
 import timm
@@ -10,7 +9,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
 
 import main
 import models_vit5  # noqa: F401  (registers vit5_*)
@@ -77,13 +75,25 @@ def test_opt_fused_refuses_optimizers_without_a_fused_kernel():
         main.build_optimizer(parse(['--opt', 'lamb', '--opt-fused']), nn.Linear(2, 2), torch.device('cpu'))
 
 
-def test_lamb_multi_tensor_path_equals_the_per_tensor_one():
-    """timm's LAMB takes its foreach (multi-tensor) path on CUDA; on the CPU it loops over tensors.
-    Both paths, forced here on the CPU, give the same weights after several steps."""
+def test_main_lamb_leaves_the_multi_tensor_choice_to_timm_and_both_paths_agree():
+    """--opt fusedlamb without apex: main.build_optimizer gives timm's LAMB with the recipe's settings (lr,
+    eps, no weight decay on biases, norms, embeddings and tokens) and leaves `foreach` to timm (None: the
+    multi-tensor path on CUDA, the per-tensor loop on the CPU). Both paths, forced here on the CPU in the
+    optimizers main.py built, give the same weights after several steps."""
+    args = parse(['--opt', 'fusedlamb', '--lr', 4e-3, '--weight-decay', 0.05])
     models = [tiny_vit5(), tiny_vit5()]
     start = [p.detach().clone() for p in models[0].parameters()]
-    opts = [create_optimizer_v2(m, opt='lamb', lr=4e-3, weight_decay=0.05, foreach=fe)
-            for m, fe in zip(models, (False, True))]
+    opts = [main.build_optimizer(args, m, torch.device('cpu')) for m in models]
+    assert all(type(opt) is timm.optim.Lamb for opt in opts)
+    assert opts[0].defaults['lr'] == 4e-3 and opts[0].defaults['eps'] == 1e-8
+    assert [g['foreach'] for g in opts[0].param_groups] == [None, None]
+    names = {id(p): n for n, p in models[0].named_parameters()}
+    no_decay = {names[id(p)] for g in opts[0].param_groups if g['weight_decay'] == 0 for p in g['params']}
+    assert {'pos_embed', 'cls_token', 'reg_token', 'norm.weight', 'head.bias', 'blocks.0.gamma_1'} <= no_decay
+    assert not {'head.weight', 'blocks.0.attn.qkv.weight'} & no_decay
+    for opt, foreach in zip(opts, (False, True)):
+        for group in opt.param_groups:
+            group['foreach'] = foreach
     for step in range(4):
         for m, opt in zip(models, opts):
             set_grads(m, step)
@@ -124,10 +134,8 @@ def test_tf32_flag_sets_float32_matmul_precision():
 
 @pytest.fixture
 def one_process_group(monkeypatch):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', world_size=1, rank=0)
+    # port 0: the group's store binds a free port itself and keeps it (a group of one has no one to tell)
+    dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', world_size=1, rank=0)
     monkeypatch.setattr(builtins, 'print', builtins.print)
     yield
     dist.destroy_process_group()

@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,64 @@ def run_cli(argv, timeout=300, env=None, launcher=(sys.executable,), script='mai
 def read_log(out_dir):
     with open(Path(out_dir) / 'log.txt') as f:
         return [json.loads(line) for line in f]
+
+
+@contextlib.contextmanager
+def keeping_checkpoints():
+    """Inside: every write of checkpoint.pth also leaves a copy, checkpoint.pth.epochN (rank 0 writes)."""
+    import utils
+    save = utils.save_checkpoint
+
+    def save_and_keep(state, path):
+        save(state, path)
+        if Path(path).name == 'checkpoint.pth' and utils.is_main_process():
+            shutil.copy(path, f'{path}.epoch{state["epoch"]}')
+
+    utils.save_checkpoint = save_and_keep
+    try:
+        yield
+    finally:
+        utils.save_checkpoint = save
+
+
+def run_keeping_checkpoints(argv):
+    """run_main, keeping a copy of checkpoint.pth as written after each epoch; returns the stdout."""
+    with keeping_checkpoints():
+        return run_main(argv)[1]
+
+
+def assert_same(a, b, where='checkpoint'):
+    """Two checkpoint trees (tensors, containers, numbers) equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f'{where}.{key}')
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f'{where}[{i}]')
+    else:
+        assert a == b, f'{where}: {a!r} != {b!r}'
+
+
+def assert_same_run_state(full_path, resumed_path):
+    """Everything but the command line (args) of two checkpoints is equal: weights, EMA, optimizer,
+    schedule, gradient scaler, every rank's RNG state, best top-1."""
+    import utils
+    full, resumed = (utils.load_checkpoint(str(p)) for p in (full_path, resumed_path))
+    assert full.keys() == resumed.keys()
+    for key in sorted(set(full) - {'args'}):
+        assert_same(full[key], resumed[key], key)
+
+
+def resume_and_compare(argv, out, epoch, tmp_path):
+    """Restart `argv` (which wrote to `out`, keeping checkpoints) from the checkpoint of `epoch` in a fresh
+    output dir; assert it ends in the uninterrupted run's state, bit for bit, with the same log."""
+    out2 = tmp_path / f'resumed{epoch}'
+    out2.mkdir()
+    shutil.copy(Path(out) / f'checkpoint.pth.epoch{epoch}', out2 / 'checkpoint.pth')
+    run_main([a if a != out else out2 for a in argv] + ['--resume', out2 / 'checkpoint.pth'])
+    assert_same_run_state(Path(out) / 'checkpoint.pth', out2 / 'checkpoint.pth')
+    assert read_log(out2) == read_log(out)[epoch + 1:]  # same losses and accuracies, epoch by epoch
