@@ -1,13 +1,10 @@
 """Two CPU processes under torchrun (gloo): training, exact distributed evaluation, joint stops."""
 import json
-import sys
 
 import pytest
 import torch.distributed as dist
 
-from tinyrun import TINY, make_image_folder, read_log, run_cli, run_main
-
-TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2')
+from tinyrun import TINY, TORCHRUN, make_image_folder, read_log, run_cli, run_main
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason='needs torch.distributed with gloo')
