@@ -222,7 +222,7 @@ def test_eval_suite_writes_one_table_of_every_set(sets, tmp_path, capsys):
     assert lines[0]['model'] == sets.ckpt and lines[0]['loss'] > 0
     table = (out / 'results.md').read_text()
     assert '| ImageNet-A | 4 | 75.000 | 100.000 |' in table and table.split('\n\n', 1)[1] in printed
-    assert printed.count('Model settings from') == 1  # the checkpoint is read once for every set
+    assert printed.count('trainable parameters') == 1  # one model, built once, for every set
 
 
 # ---- folders that do not fit their set: one line, exit code 2 -------------------------------------
