@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 8 main.py --model vit5_small --data-path IMNET --output_dir OUT ...
     python main.py --model vit5_tiny --data-set FOLDER --data-path DIR --device cpu ...   # one process
     python main.py --eval --resume OUT/checkpoint.pth [--load_ema] --model vit5_small --data-path IMNET
+    python main.py --eval --eval-set v2 --finetune vit5_small.in1k --data-path DIR   # also real, a, r, sketch
 
 Errors in the inputs (data, checkpoints, settings) end the run with a one-line message and exit
 code 2; a loss that stops being finite ends every rank with exit code 1.

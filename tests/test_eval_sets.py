@@ -270,6 +270,9 @@ def test_a_misfit_folder_through_the_command_line(sets, tmp_path):
 
 
 def test_eval_suite_refuses_what_it_cannot_run(sets, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        eval_suite.parse_args(['--help'])
+    assert stop.value.code == 0 and '--sketch DIR' in capsys.readouterr().out
     for argv, words in ((['--ckpt', sets.ckpt, '--output-dir', tmp_path], 'no set to evaluate'),
                         (['--ckpt', sets.ckpt, '--output-dir', tmp_path, '--v2', sets.roots['v2'], '--',
                           '--data-path', tmp_path], '--data-path after -- is set by the suite')):
