@@ -236,7 +236,8 @@ MISFITS = [  # (set, writes the folder, words the refusal must hold)
     ('v2', lambda root: write_folders(root, {'.': [0, 1]}), ['holds no class folders']),  # images, no folders
     ('a', lambda root: write_folders(root, {SYNSETS[6]: [6], SYNSETS[0]: [0]}), ['is not ImageNet-A', SYNSETS[0]]),
     ('r', lambda root: write_folders(root, {SYNSETS[3]: [0]}), ['is not ImageNet-R', SYNSETS[3]]),
-    ('sketch', lambda root: write_folders(root, {'0': [0]}), ['is not ImageNet-Sketch', "'0'"]),
+    ('sketch', lambda root: write_folders(root, {'0': [0]}), ['is not ImageNet-Sketch', "but it has '0'\n"]),  # no hint
+    ('sketch', lambda root: write_folders(root, {f'sketch/{SYNSETS[1]}': [1]}), ['did you mean --data-path']),
     ('real', lambda root: write_folders(write_real(root), {'.': [0]}), ['0.png is not an ImageNet val image']),
     ('real', lambda root: write_real(root, {50001: 0}), ['cover val images 1 to 50000, not 50001']),
     ('real', lambda root: write_real(write_real(root, {2: 10}, lambda n: SYNSETS[0])), ['val image 2 is also at']),
