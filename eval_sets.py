@@ -175,10 +175,7 @@ def build_eval_set(name: str, root: str, transform=None, real_labels: Optional[s
             print(f'{TITLES[name]}: {dataset.skipped} of {len(dataset) + dataset.skipped} images in {root} have '
                   f'an empty label set and are left out')
     else:
-        try:
-            dataset = ClassFolderSet(root, name, transform)
-        except FileNotFoundError as err:  # torchvision: no valid image file at all
-            raise DataError(f'no images found in {root}: {err}') from None
+        dataset = ClassFolderSet(root, name, transform)
     if len(dataset) == 0:
         raise DataError(f'no images found in {root}')
     if len(dataset) != FULL_SIZES[name]:
