@@ -270,13 +270,16 @@ def test_a_misfit_folder_through_the_command_line(sets, tmp_path):
     assert proc.stderr.startswith(f'error: {root} is not ImageNet-V2: its class folders are named 0 to 999')
 
 
+@pytest.mark.filterwarnings('ignore:IMNET at')
 def test_eval_suite_refuses_what_it_cannot_run(sets, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         eval_suite.parse_args(['--help'])
     assert stop.value.code == 0 and '--sketch DIR' in capsys.readouterr().out
     for argv, words in ((['--ckpt', sets.ckpt, '--output-dir', tmp_path], 'no set to evaluate'),
                         (['--ckpt', sets.ckpt, '--output-dir', tmp_path, '--v2', sets.roots['v2'], '--',
-                          '--data-path', tmp_path], '--data-path after -- is set by the suite')):
+                          '--data-path', tmp_path], '--data-path after -- is set by the suite'),
+                        (['--ckpt', sets.ckpt, '--output-dir', tmp_path, '--v2', sets.roots['v2'], '--real-labels',
+                          sets.labels], '--real-labels is read for --real')):
         with pytest.raises(SystemExit) as stop:
             eval_suite.parse_args([str(a) for a in argv])
         assert stop.value.code == 2 and words in capsys.readouterr().err
@@ -286,6 +289,15 @@ def test_eval_suite_refuses_what_it_cannot_run(sets, tmp_path, capsys):
         assert eval_suite.cli([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'is not ImageNet-V2' in err and not (tmp_path / 'out').exists()
+    # a 2-class model (its args do not say so) fits the in1k folder, not the 1000 classes of V2 after it
+    model = timm.create_model('vit5_tiny', num_classes=2, img_size=32, **MODEL_KWARGS)
+    saved = argparse.Namespace(model='vit5_tiny', model_kwargs=MODEL_KWARGS, input_size=32)
+    torch.save({'model': model.state_dict(), 'args': saved}, tmp_path / 'two.pth')
+    argv = ['--ckpt', tmp_path / 'two.pth', '--output-dir', tmp_path / 'out', '--in1k', sets.roots['in1k'],
+            '--v2', sets.roots['v2'], '--', '--device', 'cpu', '--num_workers', 0]
+    with one_thread():
+        assert eval_suite.cli([str(a) for a in argv]) == 2
+    assert 'is scored on 1000 classes, but the model built for the sets before it has 2' in capsys.readouterr().err
 
 
 def assert_one_line(capsys, argv, words):
