@@ -48,6 +48,8 @@ def parse_args(argv=None):
     args.roots = {name: getattr(args, name) for name in eval_sets.EVAL_SETS if getattr(args, name)}
     if not args.roots:
         p.error(f'no set to evaluate: give at least one of {", ".join("--" + n for n in eval_sets.EVAL_SETS)}')
+    if args.real_labels and 'real' not in args.roots:
+        p.error('--real-labels is read for --real, which is not given')
     clash = [a.split('=')[0] for a in extra if a.split('=')[0] in OWN_FLAGS]
     if clash:
         p.error(f'{clash[0]} after -- is set by the suite itself (give the set folders and --ckpt before --)')
