@@ -33,7 +33,7 @@ EVAL_SETS = ('in1k', 'real', 'v2', 'a', 'r', 'sketch')
 TITLES = dict(in1k='ImageNet-1k', real='ImageNet-ReaL', v2='ImageNet-V2', a='ImageNet-A', r='ImageNet-R',
               sketch='ImageNet-Sketch')
 # images in each set as distributed (ReaL: the val images with a non-empty label set)
-FULL_SIZES = dict(in1k=50000, real=46837, v2=10000, a=7500, r=30000, sketch=50889)
+FULL_SIZES = dict(real=46837, v2=10000, a=7500, r=30000, sketch=50889)
 NUM_CLASSES = 1000  # every set is scored by an ImageNet-1k classifier
 REAL_NAME = re.compile(r'ILSVRC2012_val_(\d{8})$')
 TIMM_REAL = "timm's imagenet_real_labels.json"
@@ -84,9 +84,12 @@ class ClassFolderSet(datasets.ImageFolder):
                             f'({FOLDER_RULES[self.name]})')
         unknown = [n for n in names if n not in self.labels]
         if unknown:
+            more = f' and {len(unknown) - 1} more' if len(unknown) > 1 else ''
+            inner = os.path.join(directory, names[0])  # the folder a download unpacks to (imagenet-a/, sketch/)?
+            nested = len(names) == 1 and any(e.is_dir() for e in os.scandir(inner))
+            hint = f' (did you mean --data-path {inner}?)' if nested else ''
             raise DataError(f'{directory} is not {TITLES[self.name]}: its class folders are '
-                            f'{FOLDER_RULES[self.name]}, but it has {unknown[0]!r}'
-                            + (f' and {len(unknown) - 1} more' if len(unknown) > 1 else ''))
+                            f'{FOLDER_RULES[self.name]}, but it has {unknown[0]!r}{more}{hint}')
         return names, {n: self.labels[n] for n in names}
 
 
