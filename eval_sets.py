@@ -127,7 +127,12 @@ def _real_images(root: str) -> list:
 
 class RealSet(torch.utils.data.Dataset):
     """ImageNet val images with their ReaL label sets; a target is a (1000,) bool mask of the right
-    classes. Images whose set is empty are left out (`skipped` counts them)."""
+    classes. Images whose set is empty are left out (`skipped` counts them).
+
+    Not timm's RealLabelsImagenet: that one matches predictions, in loader order, against the file
+    names of all 50,000 images in one process. Here each image carries its set as its target, so a
+    partial folder, --dist-eval shards and engine.evaluate's sums work unchanged.
+    """
 
     def __init__(self, root: str, transform=None, labels_file: Optional[str] = None):
         self.transform = transform
