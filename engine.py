@@ -140,8 +140,14 @@ def evaluate(
         amp_dtype: torch.dtype = torch.float32,
         distributed: bool = False,
         header: str = 'Test:',
+        classes: Optional[torch.Tensor] = None,
 ) -> dict:
     """Cross-entropy, top-1 and top-5 accuracy (%) of `model` over `data_loader`.
+
+    A target is a class index, or a (num_classes,) 0/1 mask of the classes that count as right
+    (ImageNet-ReaL: a prediction in the image's label set is a hit; the loss is against that set,
+    spread evenly). `classes`: the logits the set is scored on, in the order of the target indices
+    (ImageNet-A/R: their 200 classes); None scores all of them.
 
     With `distributed`, each rank holds a disjoint shard of the set and the sums of losses,
     hits and counts are all-reduced, so the result equals a single-process pass exactly
@@ -150,6 +156,7 @@ def evaluate(
     PRINT_FREQ batches and at the last), as training does, so batches queue without waiting.
     """
     model.eval()
+    classes = classes.to(device) if classes is not None else None
     logger = MetricLogger(device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
     shown = [0.0] * 4  # the sums as of the previous read
@@ -160,9 +167,13 @@ def evaluate(
         with autocast(device, amp_dtype):
             output = model(images)
         output = output.float()
-        loss = F.cross_entropy(output, target, reduction='sum')
+        if classes is not None:
+            output = output.index_select(-1, classes)  # the argmax runs over the set's classes only
+        multi_label = target.dim() == 2
+        loss = F.cross_entropy(output, target / target.sum(-1, keepdim=True) if multi_label else target,
+                               reduction='sum')
         top = output.topk(min(5, output.shape[-1]), dim=-1).indices  # (B, k), best first
-        hits = top.eq(target[:, None])
+        hits = target.gather(-1, top).bool() if multi_label else top.eq(target[:, None])
         sums[:3].add_(torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(-1).sum().double()]))
         sums[3:].add_(len(target))  # a host number: no copy to the device
         if is_log_step(i, n_steps, PRINT_FREQ):  # the loop's one host read

@@ -152,7 +152,7 @@ class EvalResizeDraw:
 
 def collate(batch):
     """[((pixels (h, w, 3), params), target)] -> (rows (sum of h + 1, widest w, 3) uint8, params (B, NUM_PARAMS)
-    float64, targets (B,)): the workers' batch.
+    float64, targets (B,) or (B, C) for per-image class masks): the workers' batch.
 
     Every crop's rows, one after the other, padded to the widest crop, and a last black row (for
     padding on the device). Padding each crop to the batch's largest instead would ship several
@@ -165,7 +165,8 @@ def collate(batch):
     for src in pixels:
         rows[start:start + src.shape[0], :src.shape[1]] = src
         start += src.shape[0]
-    return torch.from_numpy(rows), torch.from_numpy(np.stack(params)), torch.as_tensor(targets)
+    targets = torch.utils.data.default_collate(targets)  # class indices, or stacked class masks (ReaL)
+    return torch.from_numpy(rows), torch.from_numpy(np.stack(params)), targets
 
 
 # ---- device side: geometry ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 8 main.py --model vit5_small --data-path IMNET --output_dir OUT ...
     python main.py --model vit5_tiny --data-set FOLDER --data-path DIR --device cpu ...   # one process
     python main.py --eval --resume OUT/checkpoint.pth [--load_ema] --model vit5_small --data-path IMNET
+    python main.py --eval --eval-set v2 --finetune vit5_small.in1k --data-path DIR   # also real, a, r, sketch
 
 Errors in the inputs (data, checkpoints, settings) end the run with a one-line message and exit
 code 2; a loss that stops being finite ends every rank with exit code 1.
@@ -25,10 +26,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, ParseKwargs
 
+import eval_sets
 import gpu_augment
 import models_vit5
 import utils
-from datasets import DataError, build_dataset
+from datasets import DataError, build_dataset, build_transform
 from engine import evaluate, train_one_epoch
 from losses import build_criterion
 from samplers import RASampler
@@ -202,6 +204,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--data-path', default=None, metavar='DIR', help='the data set folder (train/ and val/ inside)')
     g.add_argument('--data-set', default='IMNET', choices=('IMNET', 'CIFAR', 'CIFAR10', 'INAT', 'INAT19', 'FOLDER'),
                    help='layout of --data-path (FOLDER: any image folder with train/ and val/)')
+    g.add_argument('--eval-set', default='in1k', choices=eval_sets.EVAL_SETS,
+                   help="with --eval: the set at --data-path, in its own layout and scored by its own rule "
+                        "(ImageNet-ReaL, -V2, -A, -R, -Sketch; see eval_sets.py); in1k: --data-set's val/")
+    g.add_argument('--real-labels', default=None, metavar='FILE',
+                   help="--eval-set real: the label sets (when not given: timm's copy of real.json)")
     g.add_argument('--inat-category', default='name',
                    choices=('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'),
                    help='iNaturalist: the taxonomy level that makes a class')
@@ -297,6 +304,11 @@ def check_args(args) -> None:
         raise ConfigError(f'--compile-mode {args.compile_mode} cannot run with --accum_iter {args.accum_iter}: its '
                           f"CUDA graphs overwrite one micro-batch's gradients with the next's (PyTorch issue #169545); "
                           f'use --compile-mode max-autotune-no-cudagraphs or default')
+    if args.eval_set != 'in1k' and not args.eval:
+        raise ConfigError(f'--eval-set {args.eval_set} is an evaluation set: add --eval (training reads '
+                          f'--data-set)')
+    if args.real_labels and args.eval_set != 'real':
+        raise ConfigError(f'--real-labels is read by --eval-set real, not --eval-set {args.eval_set}')
     if args.cutmix_minmax is not None:
         low, high = args.cutmix_minmax
         if int(args.input_size * low) >= int(args.input_size * high):
@@ -360,7 +372,10 @@ def build_loaders(args, device):
         return gpu_augment.DeviceLoader(loader, augment, device)
 
     def dataset(is_train):
-        return build_dataset(is_train, args, gpu_augment.worker_transform(is_train, args) if gpu else None)
+        transform = gpu_augment.worker_transform(is_train, args) if gpu else None
+        if not is_train and args.eval_set != 'in1k':
+            return eval_set_dataset(args, transform or build_transform(False, args))
+        return build_dataset(is_train, args, transform)
 
     dataset_val, nb_classes = dataset(False)
     val_set = dataset_val
@@ -381,6 +396,17 @@ def build_loaders(args, device):
         raise ConfigError(f'{args.data_path}: {len(sampler)} training images per process make no full batch '
                           f'of --batch-size {args.batch_size}')
     return loader_train, loader_val, len(dataset_val), nb_classes
+
+
+def eval_set_dataset(args, transform):
+    """(dataset, 1000) of --eval-set at --data-path: the set's own layout takes the place of --data-set."""
+    if 'data_set' in getattr(args, 'given', ()):
+        print(f'Note: --eval-set {args.eval_set} reads its own layout; --data-set {args.data_set} is ignored')
+    if args.nb_classes not in (None, eval_sets.NUM_CLASSES):
+        raise ConfigError(f'--eval-set {args.eval_set} scores the {eval_sets.NUM_CLASSES} ImageNet-1k classes; '
+                          f'this model has {args.nb_classes} (--nb-classes, or the checkpoint\'s)')
+    dataset = eval_sets.build_eval_set(args.eval_set, args.data_path, transform, args.real_labels)
+    return dataset, eval_sets.NUM_CLASSES
 
 
 def build_mixup(args, nb_classes) -> Optional[Mixup]:
@@ -754,11 +780,13 @@ def check_finite_weights(*models) -> None:
 
 # ---- evaluation and logging ---------------------------------------------------------------------
 def run_eval(args, loader, model, device, amp_dtype, header='Test:') -> dict:
-    """--dist-eval: every rank evaluates its shard. Otherwise rank 0 evaluates alone and shares the result."""
+    """--dist-eval: every rank evaluates its shard. Otherwise rank 0 evaluates alone and shares the result.
+    --eval-set a / r score their 200 classes' logits only (the other sets' rules are in their targets)."""
+    scoring = dict(header=header, classes=eval_sets.logit_classes(args.eval_set))
     if args.distributed and not args.dist_eval:
-        stats = evaluate(loader, model, device, amp_dtype, header=header) if utils.is_main_process() else None
+        stats = evaluate(loader, model, device, amp_dtype, **scoring) if utils.is_main_process() else None
         return utils.broadcast_object(stats)
-    return evaluate(loader, model, device, amp_dtype, distributed=args.distributed, header=header)
+    return evaluate(loader, model, device, amp_dtype, distributed=args.distributed, **scoring)
 
 
 def start_wandb(args):
@@ -780,8 +808,10 @@ def write_json(path: str, obj, mode: str = 'w') -> None:
 
 
 # ---- the run ------------------------------------------------------------------------------------
-def main(args) -> dict:
-    """Train (or with --eval, evaluate) as `args` say; returns the last epoch's log entry."""
+def main(args, body=None):
+    """Train (or with --eval, evaluate) as `args` say; returns the last epoch's log entry (or the
+    evaluation's numbers). `body(args, device, amp_dtype)` runs instead of `run`, in the same setup
+    (devices, process group): scripts/eval_suite.py evaluates several sets that way."""
     check_args(args)
     device, amp_dtype = resolve_device(args)
     utils.init_distributed(args, device.type)
@@ -791,7 +821,7 @@ def main(args) -> dict:
     else:
         set_cpu_threads(args.num_workers)
     try:
-        return run(args, device, amp_dtype)
+        return (body or run)(args, device, amp_dtype)
     finally:
         if utils.is_dist():
             torch.distributed.destroy_process_group()
@@ -807,7 +837,9 @@ def set_cpu_threads(num_workers: int) -> None:
               f'(set OMP_NUM_THREADS to choose)')
 
 
-def run(args, device, amp_dtype) -> dict:
+def start(args) -> Optional[dict]:
+    """Seeds the run; returns the checkpoint to resume (or evaluate) from, or None. The model settings
+    of that checkpoint, or of a --finetune tag, are taken for the flags the user did not give."""
     utils.seed_everything(args.seed + utils.get_rank())
     if args.auto_resume and os.path.isfile(os.path.join(args.output_dir, 'checkpoint.pth')):
         args.resume = os.path.join(args.output_dir, 'checkpoint.pth')
@@ -815,10 +847,15 @@ def run(args, device, amp_dtype) -> dict:
     ckpt = utils.load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
         take_model_settings(args, ckpt, args.resume)
-        if not args.eval and nothing_left_to_train(args, ckpt):
-            return {}
     elif args.finetune:
         take_tag_settings(args)
+    return ckpt
+
+
+def run(args, device, amp_dtype) -> dict:
+    ckpt = start(args)
+    if ckpt is not None and not args.eval and nothing_left_to_train(args, ckpt):
+        return {}
     loader_train, loader_val, n_val, nb_classes = build_loaders(args, device)
     model = prepare_model(args, nb_classes, device, ckpt)
     if args.eval:
@@ -995,10 +1032,14 @@ def interrupted_note(args) -> str:
 
 
 def cli(argv=None) -> int:
-    args = parse_args(argv)
+    return guarded(parse_args(argv))
+
+
+def guarded(args, body=None) -> int:
+    """main(args, body) as a command: the exit code, and a user's mistake as one line on stderr."""
     utils.handle_ctrl_c()
     try:
-        main(args)
+        main(args, body)
     except (DataError, CheckpointError, ConfigError) as err:
         sys.stderr.write(f'error: {one_line(err)}\n')  # not print(): other ranks' print is muted
         return 2

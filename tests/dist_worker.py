@@ -28,8 +28,8 @@ batches = [(torch.randn(2, 3), torch.tensor([0, 1])) for _ in range(4)]
 
 calls = []
 model.register_forward_hook(lambda *_: calls.append(1))
-stats = main.run_eval(SimpleNamespace(distributed=True, dist_eval=False), batches, model, torch.device('cpu'),
-                      torch.float32)
+stats = main.run_eval(SimpleNamespace(distributed=True, dist_eval=False, eval_set='in1k'), batches, model,
+                      torch.device('cpu'), torch.float32)
 eval_forwards = len(calls)
 
 ddp = nn.parallel.DistributedDataParallel(model)

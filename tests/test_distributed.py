@@ -2,7 +2,6 @@
 one process at the same global batch, and resuming (under torchrun, and with another number of processes)."""
 import json
 import shutil
-import sys
 import types
 from pathlib import Path
 
@@ -13,9 +12,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import utils
-from tinyrun import TINY, assert_same_run_state, make_image_folder, read_log, run_cli, run_main
-
-TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2')
+from tinyrun import TINY, TORCHRUN, assert_same_run_state, make_image_folder, read_log, run_cli, run_main
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason='needs torch.distributed with gloo')

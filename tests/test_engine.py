@@ -209,6 +209,26 @@ def test_evaluate_with_fewer_than_five_classes_prints_summary(capsys):
     assert '* Acc@1 66.667 Acc@5 100.000 loss' in capsys.readouterr().out
 
 
+def test_evaluate_on_a_class_subset_and_on_label_sets():
+    logits = torch.tensor([[9., 1, 5, 0, 4, 0],     # best of all: 0; of the subset [2, 4]: 2
+                           [9., 1, 3, 0, 4, 0],     # of the subset: 4
+                           [0., 9, 1, 8, 2, 7]])
+    index = torch.arange(3.)[:, None]
+    subset = torch.tensor([2, 4])
+    targets = torch.tensor([0, 0, 1])  # positions in the subset: classes 2, 2, 4
+    stats = evaluate([(index, targets)], FixedLogits(logits), torch.device('cpu'), classes=subset)
+    assert stats['acc1'] == pytest.approx(200 / 3) and stats['acc5'] == 100.0
+    assert stats['loss'] == pytest.approx(F.cross_entropy(logits[:, subset], targets).item())
+    # a (B, classes) mask of right answers: a prediction in the set is a hit, the loss spreads over the set
+    right = torch.tensor([[0, 0, 1, 0, 0, 0],      # top-1 (0) misses, 2 is in the top 5
+                          [1, 0, 0, 0, 1, 0],      # top-1 hit
+                          [1, 0, 0, 0, 0, 0]], dtype=torch.bool)  # 0 is the last: not in the top 5
+    stats = evaluate([(index[:2], right[:2]), (index[2:], right[2:])], FixedLogits(logits), torch.device('cpu'))
+    assert stats['acc1'] == pytest.approx(100 / 3) and stats['acc5'] == pytest.approx(200 / 3)
+    spread = right.float() / right.sum(-1, keepdim=True)
+    assert stats['loss'] == pytest.approx(F.cross_entropy(logits, spread).item())
+
+
 def test_autocast_follows_the_requested_dtype():
     dtypes = []
     model = nn.Linear(3, 2)

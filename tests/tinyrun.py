@@ -21,6 +21,10 @@ TINY = ['--model', 'vit5_tiny', '--model-kwargs', 'depth=2', 'embed_dim=48', 'nu
         '--warmup-epochs', '1', '--cooldown-epochs', '0', '--batch', '8']
 
 
+# two CPU processes under torchrun (gloo on CPU)
+TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2')
+
+
 def make_image_folder(root, train_per_class=(4, 4, 4), val_per_class=(3, 3, 3), size=32, seed=0):
     """root/{train,val}/class_k/i.png: noisy images whose dominant colour channel is the class."""
     rng = np.random.default_rng(seed)
