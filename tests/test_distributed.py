@@ -1,4 +1,5 @@
-"""Two CPU processes under torchrun (gloo): training, exact distributed evaluation, joint stops."""
+"""Two CPU processes under torchrun (gloo): training (from folders and from shards), exact distributed
+evaluation, joint stops."""
 import json
 import sys
 
@@ -37,3 +38,23 @@ def test_rank0_only_eval_and_nonfinite_loss_stops_all_ranks(tmp_path):
     # NaN on rank 1 only, yet both stop together, at the epoch's last (log) step, naming where it appeared
     assert r0['stopped'] == r1['stopped'] and 'epoch 0, step 2 (rank 1)' in r0['stopped']
     assert 'stopped on every rank at step 3' in r0['stopped']
+
+
+def test_torchrun_x2_trains_from_shards_and_dist_eval_equals_the_folder(photo_set, tmp_path):
+    """2 ranks x 2 loader workers on photo shards of unequal length (ranks in lockstep, or DDP would hang),
+    repeated augmentation; the shards' distributed top-1 (3 shards, 21 images over 2 ranks) equals the
+    folder's in one process, and so does the shards' in one process."""
+    photos, shards = photo_set
+    out = tmp_path / 'out'
+    common = TINY + ['--input-size', 48, '--batch', 4]
+    proc = run_cli(common + ['--data-set', 'WDS', '--data-path', shards, '--output_dir', out, '--epochs', 1,
+                             '--num_workers', 2, '--repeated-aug', '--ThreeAugment', '--dist-eval', '--lr', 5e-3,
+                             '--unscale-lr'], launcher=TORCHRUN)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'Epoch: [0] [23/24]' in proc.stdout  # 66 images x 3 copies: 24 steps of 4 per rank
+    [entry] = read_log(out)
+    ckpt = out / 'checkpoint.pth'
+    folder, _ = run_main(common + ['--data-path', photos, '--eval', '--resume', ckpt])
+    one, _ = run_main(common + ['--data-set', 'WDS', '--data-path', shards, '--eval', '--resume', ckpt])
+    assert entry['test_acc1'] == folder['acc1'] == one['acc1'] and folder['n'] == one['n'] == 21
+    assert entry['test_loss'] == pytest.approx(folder['loss'], rel=1e-6) == one['loss']

@@ -19,7 +19,8 @@ import torch
 
 import main
 import utils
-from tinyrun import REPO, TINY, make_image_folder, one_thread, parse, read_log, run_cli, run_main
+from tinyrun import (PRETRAIN_TINY, REPO, TINY, make_image_folder, one_thread, parse, read_log, resume_and_compare,
+                     run_cli, run_keeping_checkpoints, run_main)
 
 # every flag the released recipe names (copied from the spec, which users do not have)
 SPEC_FLAGS = [
@@ -59,14 +60,6 @@ RELEASED = {
     'finetune_base': FINETUNE.replace('vit5_small', 'vit5_base').replace('--drop-path 0.05', '--drop-path 0.25'),
     'finetune_large': FINETUNE.replace('vit5_small', 'vit5_large').replace('--drop-path 0.05', '--drop-path 0.5'),
 }
-
-# the released pretraining recipe, shrunk (batch, epochs, warmup); EMA decay lowered so it visibly differs
-PRETRAIN_TINY = ['--batch', 8, '--accum_iter', 1, '--lr', 4e-3, '--weight-decay', 0.05, '--epochs', 3,
-                 '--opt', 'fusedlamb', '--unscale-lr', '--mixup', .8, '--cutmix', 1.0, '--color-jitter', 0.3,
-                 '--drop-path', 0.05, '--reprob', 0.0, '--smoothing', 0.0, '--ThreeAugment', '--repeated-aug',
-                 '--bce-loss', '--eval-crop-ratio', 1.0, '--dist-eval', '--disable_wandb',
-                 '--model-ema-decay', 0.9]
-
 
 # ---- the command line ---------------------------------------------------------------------------
 @pytest.mark.parametrize('name', sorted(RELEASED))
@@ -141,37 +134,6 @@ def test_lr_schedule_epoch_e_trains_at_value_e_and_resumes():
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('data'))
-
-
-def run_keeping_checkpoints(argv):
-    """run_main, keeping a copy of checkpoint.pth as written after each epoch (checkpoint.pth.epochN)."""
-    save = utils.save_checkpoint
-
-    def save_and_keep(state, path):
-        save(state, path)
-        if Path(path).name == 'checkpoint.pth':
-            shutil.copy(path, f'{path}.epoch{state["epoch"]}')
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(utils, 'save_checkpoint', save_and_keep)
-        return run_main(argv)[1]
-
-
-def resume_and_compare(argv, out, epoch, tmp_path):
-    """Restart `argv` (which wrote to `out`) from the checkpoint of `epoch` in a fresh output dir;
-    assert its final model and EMA equal the uninterrupted run's bit for bit."""
-    out2 = tmp_path / f'resumed{epoch}'
-    out2.mkdir()
-    shutil.copy(out / f'checkpoint.pth.epoch{epoch}', out2 / 'checkpoint.pth')
-    run_main([a if a != out else out2 for a in argv] + ['--resume', out2 / 'checkpoint.pth'])
-    full = utils.load_checkpoint(str(out / 'checkpoint.pth'))
-    resumed = utils.load_checkpoint(str(out2 / 'checkpoint.pth'))
-    for key in ('model', 'model_ema'):
-        assert full[key].keys() == resumed[key].keys()
-        for name, tensor in full[key].items():
-            assert torch.equal(tensor, resumed[key][name]), f'{key}.{name}'
-    assert resumed['max_accuracy'] == full['max_accuracy']
-    assert read_log(out2) == read_log(out)[epoch + 1:]  # same losses and accuracies, epoch by epoch
 
 
 @pytest.fixture(scope='module')
