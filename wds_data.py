@@ -220,7 +220,7 @@ def check_members(sample: dict) -> str:
     return ext
 
 
-def decode(sample: dict, nb_classes: int):
+def decode(sample: dict, nb_classes: int, image_loader=load_image):
     """A raw sample -> (RGB PIL image, class index), or DataError naming the shard and the key."""
     ext = check_members(sample)
     where = f'shard {sample["__url__"]}, sample {sample["__key__"]}'
@@ -230,7 +230,7 @@ def decode(sample: dict, nb_classes: int):
         raise DataError(f'{where}: .cls holds {sample["cls"][:20]!r}, not a class index') from None
     if not 0 <= label < nb_classes:
         raise DataError(f'{where}: class {label} is outside 0..{nb_classes - 1} (--nb-classes {nb_classes})')
-    return load_image(io.BytesIO(sample[ext]), f'{where}.{ext}'), label
+    return image_loader(io.BytesIO(sample[ext]), f'{where}.{ext}'), label
 
 
 @contextlib.contextmanager
@@ -293,7 +293,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.world, self.rank, self.train, self.seed = world, rank, train, seed
         self.repeats, self.buffer = repeats if train else 1, buffer
         self.epoch, self.start_batch = 0, 0
-        self.opener = wds.gopen  # how a shard is opened (scripts/benchmark_data.py adds a latency here)
+        # how a shard is opened and an image's bytes read, as an ImageFolder's `loader` (the data benchmark
+        # delays the one and keeps the bytes undecoded with the other)
+        self.opener, self.image_loader = wds.gopen, load_image
         self.name_of = dict(zip(shards.urls, shards.names))
         n = len(shards)
         if train:
@@ -362,7 +364,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         order = self._order()
         if not self.train:
             for raw in self._stream(self.rank, role, order):
-                img, label = decode(raw, self.shards.nb_classes)
+                img, label = decode(raw, self.shards.nb_classes, self.image_loader)
                 yield self.shards.transform(img), label
             return
         # copy c of an image comes from the stream of process rank - c, the R copies read in turn
@@ -377,7 +379,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             raw = next(readers[copy])
             if t < skip:
                 continue
-            img, label = decode(raw, self.shards.nb_classes)
+            img, label = decode(raw, self.shards.nb_classes, self.image_loader)
             with seeded(f'{self.seed}:{self.epoch}:{self.name_of[raw["__url__"]]}:{raw["__key__"]}:{copy}', restore):
                 sample = self.shards.transform(img)
             yield sample, label

@@ -16,11 +16,12 @@ import make_shards  # noqa: E402
 
 def photo_shards(root, train=66, val=21, shard_mb=0.015, classes=4):
     """root/photos (an ImageFolder of small JPEG photos, a quarter CMYK JPEGs or RGBA PNGs) and root/shards,
-    its shard set: several shards per split, of unequal lengths."""
+    its shard set (with .json members): several shards per split, of unequal lengths."""
     photos, shards = Path(root) / 'photos', Path(root) / 'shards'
     make_photo_folder.main(['--out', str(photos), '--train', str(train), '--val', str(val), '--classes', str(classes),
                             '--min-side', '40', '--max-side', '80', '--odd', '0.25'])
-    make_shards.main(['--src', str(photos), '--out', str(shards), '--shard-size', str(shard_mb), '--workers', '2'])
+    make_shards.main(['--src', str(photos), '--out', str(shards), '--shard-size', str(shard_mb), '--workers', '2',
+                      '--json'])
     return photos, shards
 
 

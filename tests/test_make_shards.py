@@ -52,7 +52,7 @@ def test_shards_hold_the_files_bytes_with_main_pys_labels(photo_set):
 
 def test_same_folder_same_bytes_with_any_writer_count(photo_set, tmp_path):
     photos, shards = photo_set
-    make_shards.main(['--src', str(photos), '--out', str(tmp_path), '--shard-size', '0.015', '--workers', '1'])
+    make_shards.main(['--src', str(photos), '--out', str(tmp_path), '--shard-size', '0.015', '--workers', '1', '--json'])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in shards.iterdir())
     for path in shards.iterdir():
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
@@ -81,6 +81,8 @@ def test_default_shard_size_names_and_progress_bar(photo_set, tmp_path, capsys):
     assert f'wrote 66 train images in 1 shards, 21 validation images in 1 shards (4 classes) to {tmp_path}' in out
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         '_info.json', 'imagenet1k-train-00.tar', 'imagenet1k-validation-00.tar']
+    members = read_tar(tmp_path / 'imagenet1k-validation-00.tar')  # no .json unless asked
+    assert len(members) == 42 and {m.rsplit('.', 1)[1] for m in members} == {'cls', 'jpg', 'png'}
 
 
 @pytest.mark.parametrize('argv, message', [
