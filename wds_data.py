@@ -99,10 +99,12 @@ def reason(err: Exception) -> str:
 
 def read_info(root: str) -> dict:
     """ROOT's _info.json as a dict."""
+    if not root:
+        raise DataError('--data-set WDS needs --data-path: the folder, URL prefix or pipe: command of the shards')
     url = file_url(root, INFO)
     if is_local(root) and not os.path.isfile(url):
-        where = 'folder' if os.path.isdir(root) else 'path'
-        raise DataError(f'--data-set WDS: no {INFO} in {root} (missing {where}?); it lists the shards and their '
+        kind = 'folder' if os.path.isdir(root) else 'path'
+        raise DataError(f'--data-set WDS: no {INFO} in {root} (missing {kind}?); it lists the shards and their '
                         f'sample counts: write it with python scripts/make_shards.py --write-info {root}')
     try:
         with wds.gopen(url) as f:
@@ -208,29 +210,31 @@ def count_samples(url: str) -> int:
     return n
 
 
+def where(sample: dict) -> str:
+    return f'shard {sample["__url__"]}, sample {sample["__key__"]}'
+
+
 def check_members(sample: dict) -> str:
     """The extension of the sample's image; a sample without an image or a .cls is an error."""
-    where = f'shard {sample["__url__"]}, sample {sample["__key__"]}'
     ext = next((e for e in IMAGE_KEYS if e in sample), None)
     members = sorted(k for k in sample if not k.startswith('__'))
     if ext is None:
-        raise DataError(f'{where}: no image (.{", .".join(IMAGE_KEYS[:4])}, ...) among its members {members}')
+        raise DataError(f'{where(sample)}: no image (.{", .".join(IMAGE_KEYS[:4])}, ...) among its members {members}')
     if 'cls' not in sample:
-        raise DataError(f'{where}: no .cls member (the class index) among {members}')
+        raise DataError(f'{where(sample)}: no .cls member (the class index) among {members}')
     return ext
 
 
 def decode(sample: dict, nb_classes: int, image_loader=load_image):
     """A raw sample -> (RGB PIL image, class index), or DataError naming the shard and the key."""
     ext = check_members(sample)
-    where = f'shard {sample["__url__"]}, sample {sample["__key__"]}'
     try:
         label = int(sample['cls'])
     except ValueError:
-        raise DataError(f'{where}: .cls holds {sample["cls"][:20]!r}, not a class index') from None
+        raise DataError(f'{where(sample)}: .cls holds {sample["cls"][:20]!r}, not a class index') from None
     if not 0 <= label < nb_classes:
-        raise DataError(f'{where}: class {label} is outside 0..{nb_classes - 1} (--nb-classes {nb_classes})')
-    return image_loader(io.BytesIO(sample[ext]), f'{where}.{ext}'), label
+        raise DataError(f'{where(sample)}: class {label} is outside 0..{nb_classes - 1} (--nb-classes {nb_classes})')
+    return image_loader(io.BytesIO(sample[ext]), f'{where(sample)}.{ext}'), label
 
 
 @contextlib.contextmanager

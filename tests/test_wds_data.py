@@ -271,6 +271,7 @@ def test_bad_shard_sets_end_main_with_one_line(photo_set, tmp_path, capsys):
     photos, shards = photo_set
     wds = TINY + ['--data-set', 'WDS', '--input-size', 48, '--batch', 4, '--epochs', 1]
     assert 'no _info.json' in cli_error(wds + ['--data-path', photos], capsys)
+    assert 'needs --data-path' in cli_error(wds, capsys)
     hub_shards(tmp_path / 'hub', photos)
     assert 'pass --nb-classes' in cli_error(wds + ['--data-path', f'{tmp_path}/hub/{{}}'], capsys)
     # a label out of range, met in a loader worker: the one line still names the shard and the key
