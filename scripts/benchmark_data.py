@@ -17,19 +17,23 @@ Four measurements, each optional:
             (batches of crop pixels as they reach the main process); the gpu path end to end
             (batches ready, normalised, on --device).
   storage   with --shards (the same images as shards, from make_shards.py): the training loader at
-            each --workers count reading the folder, then the shards (main.py's --data-set WDS
-            stream), in img/s per worker process (per core): the bytes alone (a loader whose images
-            are decoded elsewhere, e.g. on the GPU), the CPU path, the gpu path's workers; without,
-            then with every file open delayed by --open-delay ms, as a network filesystem's round
-            trip would (a folder opens each image, a shard stream each shard). --rounds rounds,
-            folder and shards alternating; medians of the rates and of the per-round ratios.
+            each --workers count (>= 1) reading the folder, then the shards (main.py's --data-set WDS
+            stream): the bytes alone (a loader whose images are decoded elsewhere, e.g. on the GPU),
+            the CPU path, the gpu path's workers; without, then with every file open taking
+            --open-delay ms of its worker's time, as a network filesystem's round trip would (a
+            folder opens each image, a shard stream each shard). Rates are images per CPU second of
+            the worker processes (img/s per core on an otherwise idle machine; the delay is a spin
+            on the worker's CPU clock, so it counts in full whatever else the machine runs).
+            --rounds rounds, folder and shards alternating; medians of rates and per-round ratios.
   training  with --model: training steps (bf16 autocast on CUDA, mixup/cutmix, BCE, LAMB) fed by
             one synthetic batch kept on the device, then by each loader; img/s and the ratio to synthetic.
 Files are read through the page cache (warmed first): the numbers are CPU and device costs, plus the
 simulated latency.
 """
 import argparse
+import dataclasses
 import json
+import resource
 import statistics
 import sys
 import time
@@ -145,14 +149,18 @@ def keep_bytes(fp, name) -> bytes:
 
 
 class OpenDelay:
-    """`open_fn` (a folder's image loader, a shard stream's opener) after a sleep of `seconds`: the round
-    trip a network filesystem adds to every file open. A class, so loader workers can pickle it."""
+    """`open_fn` (a folder's image loader, a shard stream's opener) after `seconds` of waiting: the round
+    trip a network filesystem adds to every file open, during which the worker's core does nothing else.
+    The wait spins on this thread's CPU clock, so it is charged to the worker in full however loaded the
+    machine is (a sleep would vanish from its CPU time). A class, so loader workers can pickle it."""
 
     def __init__(self, open_fn, seconds: float):
         self.open_fn, self.seconds = open_fn, seconds
 
     def __call__(self, *args):
-        time.sleep(self.seconds)
+        end = time.thread_time() + self.seconds
+        while time.thread_time() < end:
+            pass
         return self.open_fn(*args)
 
 
@@ -174,7 +182,13 @@ def make_loader(args, pipeline: str, workers: int, device, batches: int, shards=
         sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batches * args.batch_size)
     else:
         import wds_data
-        dataset = wds_data.open_split(shards, True, transform).train_stream(args.batch_size, workers, seed=args.seed)
+        split = wds_data.open_split(shards, True, transform)
+        # as many shards as hold the images asked for: the stream's epoch, read to its end, is about that long
+        enough = next((k for k in range(1, len(split.lengths) + 1) if sum(split.lengths[:k]) >= batches * args.batch_size),
+                      len(split.lengths))
+        split = dataclasses.replace(split, names=split.names[:enough], urls=split.urls[:enough],
+                                    lengths=split.lengths[:enough])
+        dataset = split.train_stream(args.batch_size, workers, seed=args.seed)
         dataset.image_loader = keep_bytes if pipeline == 'read' else dataset.image_loader
         dataset.opener = OpenDelay(dataset.opener, open_delay) if open_delay else dataset.opener
         sampler = None
@@ -186,8 +200,8 @@ def make_loader(args, pipeline: str, workers: int, device, batches: int, shards=
     return loader
 
 
-def time_loader(loader, warmup: int, device, step=None, batches=None) -> float:
-    """img/s over the batches after the first `warmup` (each given to `step` if any), up to `batches` in all."""
+def time_loader(loader, warmup: int, device, step=None) -> float:
+    """img/s over the batches after the first `warmup` (each given to `step` if any)."""
     n, start = 0, None
     for i, (images, *_, targets) in enumerate(loader):  # gpu_workers: (rows, params, targets)
         if i == warmup:
@@ -197,8 +211,6 @@ def time_loader(loader, warmup: int, device, step=None, batches=None) -> float:
             step(images, targets)
         if i >= warmup:
             n += len(targets)
-        if i + 1 == batches:
-            break
     synchronize(device)
     return n / (time.perf_counter() - start)
 
@@ -215,10 +227,21 @@ def loaders(args, device) -> dict:
     return out
 
 
+def worker_cpu_rate(loader) -> float:
+    """Images per CPU second of the loader's worker processes, over a whole pass (the DataLoader joins its
+    workers at the end, and only then does their CPU time count among this process's children)."""
+    start, images = resource.getrusage(resource.RUSAGE_CHILDREN), 0
+    for *_, targets in loader:
+        images += len(targets)
+    end = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return images / (end.ru_utime + end.ru_stime - start.ru_utime - start.ru_stime)
+
+
 def storage(args, device) -> dict:
-    """img/s per worker process (per core) of the training loader from the folder and from the shards (bytes
-    alone, CPU path, gpu path's workers) at each --workers count, without and with the --open-delay latency,
-    and the shards' speed relative to the folder's: medians over --rounds alternating rounds."""
+    """img/s per core (per CPU second of the loader workers) of the training loader from the folder and from
+    the shards (bytes alone, CPU path, gpu path's workers) at each --workers count, without and with the
+    --open-delay latency, and the shards' speed relative to the folder's: medians over --rounds alternating
+    rounds."""
     for path in [*Path(args.data, 'train').rglob('*'), *Path(args.shards).glob('*.tar')]:
         if path.is_file():
             path.read_bytes()  # warm the page cache: what follows is CPU time and the simulated latency
@@ -226,12 +249,12 @@ def storage(args, device) -> dict:
     batches = args.warmup + args.batches
     for pipeline in ('read', 'cpu', 'gpu_workers'):
         for delay in (0.0, args.open_delay):
-            for workers in args.workers:
+            for workers in [w for w in args.workers if w > 0]:
                 rounds = dict(folder=[], shards=[])
                 for _ in range(args.rounds):
                     for source, shards in (('folder', None), ('shards', args.shards)):
                         loader = make_loader(args, pipeline, workers, device, batches, shards, delay / 1000)
-                        rounds[source].append(time_loader(loader, args.warmup, device, batches=batches) / max(workers, 1))
+                        rounds[source].append(worker_cpu_rate(loader))
                 key = f'{pipeline}, {delay:g} ms, {workers} workers'
                 out[key] = {source: statistics.median(r) for source, r in rounds.items()}
                 out[key]['shards_vs_folder'] = statistics.median(s / f for s, f in zip(rounds['shards'], rounds['folder']))

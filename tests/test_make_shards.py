@@ -111,3 +111,11 @@ def test_existing_shards_need_overwrite_and_broken_shards_are_named(photo_set, t
     first.write_bytes(first.read_bytes()[:5000])
     with pytest.raises(SystemExit, match=f'shard {first}.* sample '):  # cut in a member's header or data
         make_shards.main(['--write-info', str(out), '--overwrite'])
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        make_shards.main(['--help'])
+    text = capsys.readouterr().out
+    assert exc.value.code == 0 and all(flag in text for flag in (
+        '--src', '--out', '--prefix', '--shard-size', '--workers', '--seed', '--json', '--overwrite', '--write-info'))

@@ -17,8 +17,8 @@ import main
 import wds_data
 from datasets import DataError
 from shardsets import folder_ids, hub_shards, pixels_id, write_tar
-from tinyrun import (PRETRAIN_TINY, REPO, TINY, one_thread, read_log, resume_and_compare, run_keeping_checkpoints,
-                     run_main)
+from tinyrun import (PRETRAIN_TINY, REPO, TINY, one_thread, parse, read_log, resume_and_compare,
+                     run_keeping_checkpoints, run_main)
 
 sys.path.insert(0, str(REPO / 'scripts'))
 import make_shards  # noqa: E402
@@ -209,6 +209,20 @@ def test_truncated_shard_and_missing_info(photo_set, tmp_path):
 
 
 # ---- main.py --data-set WDS ---------------------------------------------------------------------
+def test_main_builds_the_streams_and_sets_their_epoch(photo_set):
+    _, shards = photo_set
+    argv = TINY + ['--data-set', 'WDS', '--data-path', shards, '--input-size', 48, '--batch', 4, '--num_workers', 2,
+                   '--shuffle-buffer', 50]
+    train, val, n_val, nb_classes = main.build_loaders(parse(argv), torch.device('cpu'))
+    stream = train.dataset
+    assert (n_val, nb_classes, len(val.dataset), val.dataset.train) == (21, 4, 21, False)
+    assert (stream.train, stream.repeats, stream.buffer, stream.workers, stream.batches) == (True, 3, 50, 2, 49)
+    main.set_epoch(train, 7)
+    assert stream.epoch == 7
+    train, *_ = main.build_loaders(parse(argv + ['--no-repeated-aug']), torch.device('cpu'))
+    assert (train.dataset.repeats, len(train)) == (1, 16)
+
+
 @pytest.fixture(scope='module')
 def digits(tmp_path_factory):
     """(digits folder, its shards)."""
