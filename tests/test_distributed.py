@@ -40,21 +40,25 @@ def test_rank0_only_eval_and_nonfinite_loss_stops_all_ranks(tmp_path):
     assert 'stopped on every rank at step 3' in r0['stopped']
 
 
-def test_torchrun_x2_trains_from_shards_and_dist_eval_equals_the_folder(photo_set, tmp_path):
+def test_torchrun_x2_trains_from_shards_and_evaluates_as_the_folder(photo_set, tmp_path):
     """2 ranks x 2 loader workers on photo shards of unequal length (ranks in lockstep, or DDP would hang),
-    repeated augmentation; the shards' distributed top-1 (3 shards, 21 images over 2 ranks) equals the
-    folder's in one process, and so does the shards' in one process."""
+    repeated augmentation. Top-1 on the shards equals the folder's in one process, whether rank 0 evaluates
+    the whole set alone (the training run) or both ranks evaluate their share (--dist-eval: 21 images in
+    3 shards over 2 ranks)."""
     photos, shards = photo_set
     out = tmp_path / 'out'
     common = TINY + ['--input-size', 48, '--batch', 4]
-    proc = run_cli(common + ['--data-set', 'WDS', '--data-path', shards, '--output_dir', out, '--epochs', 1,
-                             '--num_workers', 2, '--repeated-aug', '--ThreeAugment', '--dist-eval', '--lr', 5e-3,
-                             '--unscale-lr'], launcher=TORCHRUN)
+    wds = common + ['--data-set', 'WDS', '--data-path', shards]
+    proc = run_cli(wds + ['--output_dir', out, '--epochs', 1, '--num_workers', 2, '--repeated-aug', '--ThreeAugment',
+                          '--lr', 5e-3, '--unscale-lr'], launcher=TORCHRUN)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'Epoch: [0] [23/24]' in proc.stdout  # 66 images x 3 copies: 24 steps of 4 per rank
     [entry] = read_log(out)
     ckpt = out / 'checkpoint.pth'
+    dist = run_cli(wds + ['--eval', '--resume', ckpt, '--dist-eval'], launcher=TORCHRUN)
+    assert dist.returncode == 0, dist.stderr[-3000:]
     folder, _ = run_main(common + ['--data-path', photos, '--eval', '--resume', ckpt])
-    one, _ = run_main(common + ['--data-set', 'WDS', '--data-path', shards, '--eval', '--resume', ckpt])
-    assert entry['test_acc1'] == folder['acc1'] == one['acc1'] and folder['n'] == one['n'] == 21
+    one, _ = run_main(wds + ['--eval', '--resume', ckpt])
+    assert folder['n'] == one['n'] == 21 and entry['test_acc1'] == folder['acc1'] == one['acc1']
+    assert f'Acc@1 {folder["acc1"]:.3f} ' in dist.stdout and f'loss {folder["loss"]:.3f}' in dist.stdout
     assert entry['test_loss'] == pytest.approx(folder['loss'], rel=1e-6) == one['loss']

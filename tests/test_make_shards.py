@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from shardsets import hub_shards
+from tinyrun import make_image_folder
 import make_shards  # noqa: E402  (shardsets put scripts/ on the path)
 
 
@@ -48,6 +49,14 @@ def test_shards_hold_the_files_bytes_with_main_pys_labels(photo_set):
         # train is shuffled before it is cut (every shard a random sample of the set); validation keeps its order
         assert (order == [path for path, _ in expected]) == (split == 'validation')
     assert kinds == {'jpg', 'png'}
+
+
+def test_a_val_split_missing_classes_keeps_the_train_labels(tmp_path):
+    folder = Path(make_image_folder(tmp_path / 'folder', train_per_class=(2, 2, 2), val_per_class=(1, 1, 1)))
+    shutil.rmtree(folder / 'val' / 'class_0')
+    make_shards.main(['--src', str(folder), '--out', str(tmp_path / 'shards')])
+    members = read_tar(tmp_path / 'shards' / 'folder-validation-00.tar')
+    assert [int(members[f'class_{k}/0.cls']) for k in (1, 2)] == [1, 2]
 
 
 def test_same_folder_same_bytes_with_any_writer_count(photo_set, tmp_path):
