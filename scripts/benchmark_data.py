@@ -17,8 +17,8 @@ Four measurements, each optional:
             (batches of crop pixels as they reach the main process); the gpu path end to end
             (batches ready, normalised, on --device).
   storage   with --shards (the same images as shards, from make_shards.py): the training loader at
-            each --workers count (>= 1) reading the folder, then the shards (main.py's --data-set WDS
-            stream): the bytes alone (a loader whose images are decoded elsewhere, e.g. on the GPU),
+            each --workers count (>= 1) reading one epoch of the folder, then of the shards (main.py's
+            --data-set WDS stream), each image once: the bytes alone (a loader whose images are decoded elsewhere, e.g. on the GPU),
             the CPU path, the gpu path's workers; without, then with every file open taking
             --open-delay ms of its worker's time, as a network filesystem's round trip would (a
             folder opens each image, a shard stream each shard). Rates are images per CPU second of
@@ -31,7 +31,6 @@ Files are read through the page cache (warmed first): the numbers are CPU and de
 simulated latency.
 """
 import argparse
-import dataclasses
 import json
 import resource
 import statistics
@@ -164,9 +163,9 @@ class OpenDelay:
         return self.open_fn(*args)
 
 
-def make_loader(args, pipeline: str, workers: int, device, batches: int, shards=None, open_delay: float = 0.0):
+def make_loader(args, pipeline: str, workers: int, device, batches=None, shards=None, open_delay: float = 0.0):
     """The training loader of main.py's `pipeline` over DATA/train, drawing batches * batch_size images at
-    random, or over the --shards stream (whose epoch is longer: read only as far as needed); 'gpu_workers':
+    random (batches None: one epoch, each image once), or over the --shards stream (one epoch); 'gpu_workers':
     the gpu pipeline's DataLoader without the device half; 'read': the images' bytes, undecoded (their
     sizes are the batch). `open_delay`: seconds added to every file open."""
     import gpu_augment
@@ -179,16 +178,13 @@ def make_loader(args, pipeline: str, workers: int, device, batches: int, shards=
         dataset = ImageFolderDataset(str(Path(args.data) / 'train'), transform)
         dataset.loader = read_file if pipeline == 'read' else dataset.loader
         dataset.loader = OpenDelay(dataset.loader, open_delay) if open_delay else dataset.loader
-        sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batches * args.batch_size)
+        if batches is None:  # one epoch
+            sampler = torch.utils.data.RandomSampler(dataset)
+        else:
+            sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batches * args.batch_size)
     else:
         import wds_data
-        split = wds_data.open_split(shards, True, transform)
-        # as many shards as hold the images asked for: the stream's epoch, read to its end, is about that long
-        enough = next((k for k in range(1, len(split.lengths) + 1) if sum(split.lengths[:k]) >= batches * args.batch_size),
-                      len(split.lengths))
-        split = dataclasses.replace(split, names=split.names[:enough], urls=split.urls[:enough],
-                                    lengths=split.lengths[:enough])
-        dataset = split.train_stream(args.batch_size, workers, seed=args.seed)
+        dataset = wds_data.open_split(shards, True, transform).train_stream(args.batch_size, workers, seed=args.seed)
         dataset.image_loader = keep_bytes if pipeline == 'read' else dataset.image_loader
         dataset.opener = OpenDelay(dataset.opener, open_delay) if open_delay else dataset.opener
         sampler = None
@@ -246,15 +242,14 @@ def storage(args, device) -> dict:
         if path.is_file():
             path.read_bytes()  # warm the page cache: what follows is CPU time and the simulated latency
     out = {}
-    batches = args.warmup + args.batches
     for pipeline in ('read', 'cpu', 'gpu_workers'):
         for delay in (0.0, args.open_delay):
             for workers in [w for w in args.workers if w > 0]:
                 rounds = dict(folder=[], shards=[])
                 for _ in range(args.rounds):
                     for source, shards in (('folder', None), ('shards', args.shards)):
-                        loader = make_loader(args, pipeline, workers, device, batches, shards, delay / 1000)
-                        rounds[source].append(worker_cpu_rate(loader))
+                        loader = make_loader(args, pipeline, workers, device, None, shards, delay / 1000)
+                        rounds[source].append(worker_cpu_rate(loader))  # one epoch: the same images either way
                 key = f'{pipeline}, {delay:g} ms, {workers} workers'
                 out[key] = {source: statistics.median(r) for source, r in rounds.items()}
                 out[key]['shards_vs_folder'] = statistics.median(s / f for s, f in zip(rounds['shards'], rounds['folder']))
