@@ -351,7 +351,7 @@ def build_loaders(args, device):
     dataset_val, nb_classes = dataset(False)
     val_set, val_batch = dataset_val, int(1.5 * args.batch_size)
     shard_val = args.distributed and args.dist_eval
-    if args.data_set == 'WDS':  # shards are streams, cut per process (all of them when rank 0 evaluates alone)
+    if hasattr(dataset_val, 'eval_stream'):  # shards: streams cut per process (all when rank 0 evaluates alone)
         val_set = dataset_val.eval_stream(val_batch, args.num_workers, *((world, rank) if shard_val else (1, 0)))
     elif shard_val:
         val_set = torch.utils.data.Subset(dataset_val, range(rank, len(dataset_val), world))  # no padding
@@ -378,17 +378,17 @@ def build_loaders(args, device):
     return loader_train, loader_val, len(dataset_val), nb_classes
 
 
-def set_epoch(loader, epoch: int) -> None:
-    """The epoch's sample order: from the sampler, or from the shard stream, which orders itself."""
-    (loader.dataset if hasattr(loader.dataset, 'set_epoch') else loader.sampler).set_epoch(epoch)
-
-
 def build_mixup(args, nb_classes) -> Optional[Mixup]:
     if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
         return None
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                  label_smoothing=args.smoothing, num_classes=nb_classes)
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """The epoch's sample order: from the sampler, or from the shard stream, which orders itself."""
+    (loader.dataset if hasattr(loader.dataset, 'set_epoch') else loader.sampler).set_epoch(epoch)
 
 
 # ---- model and weights -----------------------------------------------------------------------------

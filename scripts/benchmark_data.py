@@ -50,8 +50,7 @@ def get_args_parser():
     p.add_argument('--workers', type=int, nargs='+', default=[1, 2], help='DataLoader worker counts to measure')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--images', type=int, default=200, help='images per stage and round in the per-core measurement')
-    p.add_argument('--rounds', type=int, default=3,
-                   help='per-core (and storage) rounds, stages alternating; medians are reported')
+    p.add_argument('--rounds', type=int, default=3, help='per-core rounds, stages alternating; medians are reported')
     p.add_argument('--batches', type=int, default=10, help='timed batches per loader (and training) measurement')
     p.add_argument('--warmup', type=int, default=2, help='untimed batches first (worker start-up, compilation)')
     p.add_argument('--skip', nargs='*', default=[], choices=('per_core', 'loaders', 'storage'),

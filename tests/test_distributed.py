@@ -1,5 +1,4 @@
-"""Two CPU processes under torchrun (gloo): training (from folders and from shards), exact distributed
-evaluation, joint stops."""
+"""Two CPU processes under torchrun (gloo): training, exact distributed evaluation, joint stops."""
 import json
 import sys
 
@@ -38,27 +37,3 @@ def test_rank0_only_eval_and_nonfinite_loss_stops_all_ranks(tmp_path):
     # NaN on rank 1 only, yet both stop together, at the epoch's last (log) step, naming where it appeared
     assert r0['stopped'] == r1['stopped'] and 'epoch 0, step 2 (rank 1)' in r0['stopped']
     assert 'stopped on every rank at step 3' in r0['stopped']
-
-
-def test_torchrun_x2_trains_from_shards_and_evaluates_as_the_folder(photo_set, tmp_path):
-    """2 ranks x 2 loader workers on photo shards of unequal length (ranks in lockstep, or DDP would hang),
-    repeated augmentation. Top-1 on the shards equals the folder's in one process, whether rank 0 evaluates
-    the whole set alone (the training run) or both ranks evaluate their share (--dist-eval: 21 images in
-    3 shards over 2 ranks)."""
-    photos, shards = photo_set
-    out = tmp_path / 'out'
-    common = TINY + ['--input-size', 48, '--batch', 4]
-    wds = common + ['--data-set', 'WDS', '--data-path', shards]
-    proc = run_cli(wds + ['--output_dir', out, '--epochs', 1, '--num_workers', 2, '--repeated-aug', '--ThreeAugment',
-                          '--lr', 5e-3, '--unscale-lr'], launcher=TORCHRUN)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'Epoch: [0] [23/24]' in proc.stdout  # 66 images x 3 copies: 24 steps of 4 per rank
-    [entry] = read_log(out)
-    ckpt = out / 'checkpoint.pth'
-    dist = run_cli(wds + ['--eval', '--resume', ckpt, '--dist-eval'], launcher=TORCHRUN)
-    assert dist.returncode == 0, dist.stderr[-3000:]
-    folder, _ = run_main(common + ['--data-path', photos, '--eval', '--resume', ckpt])
-    one, _ = run_main(wds + ['--eval', '--resume', ckpt])
-    assert folder['n'] == one['n'] == 21 and entry['test_acc1'] == folder['acc1'] == one['acc1']
-    assert f'Acc@1 {folder["acc1"]:.3f} ' in dist.stdout and f'loss {folder["loss"]:.3f}' in dist.stdout
-    assert entry['test_loss'] == pytest.approx(folder['loss'], rel=1e-6) == one['loss']

@@ -19,8 +19,8 @@ import torch
 
 import main
 import utils
-from tinyrun import (PRETRAIN_TINY, REPO, TINY, make_image_folder, one_thread, parse, read_log, resume_and_compare,
-                     run_cli, run_keeping_checkpoints, run_main)
+from tinyrun import (REPO, TINY, make_image_folder, one_thread, parse, read_log, resume_and_compare, run_cli,
+                     run_keeping_checkpoints, run_main)
 
 # every flag the released recipe names (copied from the spec, which users do not have)
 SPEC_FLAGS = [
@@ -60,6 +60,14 @@ RELEASED = {
     'finetune_base': FINETUNE.replace('vit5_small', 'vit5_base').replace('--drop-path 0.05', '--drop-path 0.25'),
     'finetune_large': FINETUNE.replace('vit5_small', 'vit5_large').replace('--drop-path 0.05', '--drop-path 0.5'),
 }
+
+# the released pretraining recipe, shrunk (batch, epochs, warmup); EMA decay lowered so it visibly differs
+PRETRAIN_TINY = ['--batch', 8, '--accum_iter', 1, '--lr', 4e-3, '--weight-decay', 0.05, '--epochs', 3,
+                 '--opt', 'fusedlamb', '--unscale-lr', '--mixup', .8, '--cutmix', 1.0, '--color-jitter', 0.3,
+                 '--drop-path', 0.05, '--reprob', 0.0, '--smoothing', 0.0, '--ThreeAugment', '--repeated-aug',
+                 '--bce-loss', '--eval-crop-ratio', 1.0, '--dist-eval', '--disable_wandb',
+                 '--model-ema-decay', 0.9]
+
 
 # ---- the command line ---------------------------------------------------------------------------
 @pytest.mark.parametrize('name', sorted(RELEASED))

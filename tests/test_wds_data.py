@@ -1,7 +1,7 @@
 """wds_data.py: WebDataset shards as training and evaluation streams (each sample once per epoch across
 ranks x workers, equal steps per rank, repeated augmentation across ranks, mid-epoch addressing), the
 Hub's layout, every kind of bad shard, and main.py --data-set WDS end to end (the pretraining recipe,
-exact resume, top-1 equal to the folder's)."""
+exact resume, top-1 equal to the folder's in one process and under torchrun x2)."""
 import collections
 import json
 import random
@@ -17,7 +17,7 @@ import main
 import wds_data
 from datasets import DataError
 from shardsets import folder_ids, hub_shards, pixels_id, write_tar
-from tinyrun import (PRETRAIN_TINY, REPO, TINY, one_thread, parse, read_log, resume_and_compare,
+from tinyrun import (REPO, TINY, TORCHRUN, one_thread, parse, read_log, resume_and_compare, run_cli,
                      run_keeping_checkpoints, run_main)
 
 sys.path.insert(0, str(REPO / 'scripts'))
@@ -209,6 +209,13 @@ def test_truncated_shard_and_missing_info(photo_set, tmp_path):
 
 
 # ---- main.py --data-set WDS ---------------------------------------------------------------------
+# the pretraining recipe's data, loss and optimizer flags (ThreeAugment, mixup/cutmix, BCE, repeated
+# augmentation, LAMB), at a tiny scale; a lower EMA decay, so the EMA visibly differs from the model
+RECIPE = ['--epochs', 3, '--lr', 4e-3, '--unscale-lr', '--opt', 'fusedlamb', '--weight-decay', 0.05, '--ThreeAugment',
+          '--color-jitter', 0.3, '--mixup', .8, '--cutmix', 1.0, '--bce-loss', '--smoothing', 0.0, '--reprob', 0.0,
+          '--drop-path', 0.05, '--repeated-aug', '--eval-crop-ratio', 1.0, '--dist-eval', '--model-ema-decay', 0.9]
+
+
 def test_main_builds_the_streams_and_sets_their_epoch(photo_set):
     _, shards = photo_set
     argv = TINY + ['--data-set', 'WDS', '--data-path', shards, '--input-size', 48, '--batch', 4, '--num_workers', 2,
@@ -238,7 +245,7 @@ def pretrain(digits, tmp_path_factory):
     """The pretraining recipe (ThreeAugment, mixup/cutmix, BCE, repeated augmentation), 3 epochs from the
     digits' shards, a loader worker."""
     out = tmp_path_factory.mktemp('pretrain')
-    argv = TINY + ['--data-set', 'WDS', '--data-path', digits[1], '--output_dir', out] + PRETRAIN_TINY + [
+    argv = TINY + ['--data-set', 'WDS', '--data-path', digits[1], '--output_dir', out] + RECIPE + [
         '--batch', 64, '--num_workers', 1]
     return out, argv, run_keeping_checkpoints(argv)
 
@@ -266,7 +273,7 @@ def test_device_pipeline_from_shards_resumes_exactly(photo_set, tmp_path):
     """--data-pipeline gpu (on the CPU here), on the photos: the workers' draws come from the per-image
     seeds too."""
     out = tmp_path / 'run'
-    argv = TINY + ['--data-set', 'WDS', '--data-path', photo_set[1], '--output_dir', out] + PRETRAIN_TINY + [
+    argv = TINY + ['--data-set', 'WDS', '--data-path', photo_set[1], '--output_dir', out] + RECIPE + [
         '--input-size', 48, '--batch', 16, '--epochs', 2, '--data-pipeline', 'gpu', '--num_workers', 1]
     run_keeping_checkpoints(argv)
     resume_and_compare(argv, out, 0, tmp_path)
@@ -298,3 +305,29 @@ def test_bad_shard_sets_end_main_with_one_line(photo_set, tmp_path, capsys):
         (broken / name).symlink_to(shards / name)
     err = cli_error(wds + ['--data-path', broken, '--num_workers', 1, '--no-repeated-aug'], capsys)
     assert 'class 3 is outside 0..2' in err and f'shard {broken}/photos-' in err and ', sample ' in err
+
+
+def test_torchrun_x2_trains_from_shards_and_evaluates_as_the_folder(photo_set, tmp_path):
+    """2 ranks x 2 loader workers on photo shards of unequal length (ranks in lockstep, or DDP would hang),
+    repeated augmentation. Top-1 on the shards equals the folder's in one process, whether rank 0 evaluates
+    the whole set alone (the training run) or both ranks evaluate their share (--dist-eval: 21 images in
+    3 shards over 2 ranks)."""
+    photos, shards = photo_set
+    out = tmp_path / 'out'
+    common = TINY + ['--input-size', 48, '--batch', 4]
+    wds = common + ['--data-set', 'WDS', '--data-path', shards]
+    # rank 0 alone evaluates: the default where --dist-eval is a switch, --no-dist-eval where it is on by default
+    alone = [f for f in ('--no-dist-eval',) if f in main.get_args_parser()._option_string_actions]
+    proc = run_cli(wds + ['--output_dir', out, '--epochs', 1, '--num_workers', 2, '--repeated-aug', '--ThreeAugment',
+                          '--lr', 5e-3, '--unscale-lr'] + alone, launcher=TORCHRUN)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'Epoch: [0] [23/24]' in proc.stdout  # 66 images x 3 copies: 24 steps of 4 per rank
+    [entry] = read_log(out)
+    ckpt = out / 'checkpoint.pth'
+    dist = run_cli(wds + ['--eval', '--resume', ckpt, '--dist-eval'], launcher=TORCHRUN)
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    folder, _ = run_main(common + ['--data-path', photos, '--eval', '--resume', ckpt])
+    one, _ = run_main(wds + ['--eval', '--resume', ckpt])
+    assert folder['n'] == one['n'] == 21 and entry['test_acc1'] == folder['acc1'] == one['acc1']
+    assert f'Acc@1 {folder["acc1"]:.3f} ' in dist.stdout and f'loss {folder["loss"]:.3f}' in dist.stdout
+    assert entry['test_loss'] == pytest.approx(folder['loss'], rel=1e-6) == one['loss']

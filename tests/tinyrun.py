@@ -1,5 +1,5 @@
-"""Shared pieces of the training tests: a tiny ViT-5 and the pretraining recipe shrunk, an image folder
-written on the fly, ways to run main.py in-process or as a command, and the exact-resume check."""
+"""Shared pieces of the training tests: a tiny ViT-5, an image folder written on the fly, and ways
+to run main.py in-process or as a command."""
 import contextlib
 import io
 import json
@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -21,12 +20,9 @@ TINY = ['--model', 'vit5_tiny', '--model-kwargs', 'depth=2', 'embed_dim=48', 'nu
         '--input-size', '32', '--device', 'cpu', '--num_workers', '0', '--data-set', 'FOLDER',
         '--warmup-epochs', '1', '--cooldown-epochs', '0', '--batch', '8']
 
-# the released pretraining recipe, shrunk (batch, epochs, warmup); EMA decay lowered so it visibly differs
-PRETRAIN_TINY = ['--batch', 8, '--accum_iter', 1, '--lr', 4e-3, '--weight-decay', 0.05, '--epochs', 3,
-                 '--opt', 'fusedlamb', '--unscale-lr', '--mixup', .8, '--cutmix', 1.0, '--color-jitter', 0.3,
-                 '--drop-path', 0.05, '--reprob', 0.0, '--smoothing', 0.0, '--ThreeAugment', '--repeated-aug',
-                 '--bce-loss', '--eval-crop-ratio', 1.0, '--dist-eval', '--disable_wandb',
-                 '--model-ema-decay', 0.9]
+
+# two CPU processes under torchrun (gloo on CPU)
+TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2')
 
 
 def make_image_folder(root, train_per_class=(4, 4, 4), val_per_class=(3, 3, 3), size=32, seed=0):
@@ -81,34 +77,62 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
-def run_keeping_checkpoints(argv):
-    """run_main, keeping a copy of checkpoint.pth as written after each epoch (checkpoint.pth.epochN)."""
+@contextlib.contextmanager
+def keeping_checkpoints():
+    """Inside: every write of checkpoint.pth also leaves a copy, checkpoint.pth.epochN (rank 0 writes)."""
     import utils
     save = utils.save_checkpoint
 
     def save_and_keep(state, path):
         save(state, path)
-        if Path(path).name == 'checkpoint.pth':
+        if Path(path).name == 'checkpoint.pth' and utils.is_main_process():
             shutil.copy(path, f'{path}.epoch{state["epoch"]}')
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(utils, 'save_checkpoint', save_and_keep)
+    utils.save_checkpoint = save_and_keep
+    try:
+        yield
+    finally:
+        utils.save_checkpoint = save
+
+
+def run_keeping_checkpoints(argv):
+    """run_main, keeping a copy of checkpoint.pth as written after each epoch; returns the stdout."""
+    with keeping_checkpoints():
         return run_main(argv)[1]
 
 
-def resume_and_compare(argv, out, epoch, tmp_path):
-    """Restart `argv` (which wrote to `out`) from the checkpoint of `epoch` in a fresh output dir;
-    assert its final model and EMA equal the uninterrupted run's bit for bit."""
+def assert_same(a, b, where='checkpoint'):
+    """Two checkpoint trees (tensors, containers, numbers) equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f'{where}.{key}')
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f'{where}[{i}]')
+    else:
+        assert a == b, f'{where}: {a!r} != {b!r}'
+
+
+def assert_same_run_state(full_path, resumed_path):
+    """Everything but the command line (args) of two checkpoints is equal: weights, EMA, optimizer,
+    schedule, gradient scaler, every rank's RNG state, best top-1."""
     import utils
+    full, resumed = (utils.load_checkpoint(str(p)) for p in (full_path, resumed_path))
+    assert full.keys() == resumed.keys()
+    for key in sorted(set(full) - {'args'}):
+        assert_same(full[key], resumed[key], key)
+
+
+def resume_and_compare(argv, out, epoch, tmp_path):
+    """Restart `argv` (which wrote to `out`, keeping checkpoints) from the checkpoint of `epoch` in a fresh
+    output dir; assert it ends in the uninterrupted run's state, bit for bit, with the same log."""
     out2 = tmp_path / f'resumed{epoch}'
     out2.mkdir()
-    shutil.copy(out / f'checkpoint.pth.epoch{epoch}', out2 / 'checkpoint.pth')
+    shutil.copy(Path(out) / f'checkpoint.pth.epoch{epoch}', out2 / 'checkpoint.pth')
     run_main([a if a != out else out2 for a in argv] + ['--resume', out2 / 'checkpoint.pth'])
-    full = utils.load_checkpoint(str(out / 'checkpoint.pth'))
-    resumed = utils.load_checkpoint(str(out2 / 'checkpoint.pth'))
-    for key in ('model', 'model_ema'):
-        assert full[key].keys() == resumed[key].keys()
-        for name, tensor in full[key].items():
-            assert torch.equal(tensor, resumed[key][name]), f'{key}.{name}'
-    assert resumed['max_accuracy'] == full['max_accuracy']
+    assert_same_run_state(Path(out) / 'checkpoint.pth', out2 / 'checkpoint.pth')
     assert read_log(out2) == read_log(out)[epoch + 1:]  # same losses and accuracies, epoch by epoch
