@@ -1,11 +1,14 @@
-"""Data sets and transforms of the recipe: ImageNet / any image folder, CIFAR-10/100, iNaturalist.
+"""Data sets and transforms of the recipe: ImageNet / any image folder, CIFAR-10/100, iNaturalist,
+WebDataset shards (wds_data.py).
 
 Every problem with the data on disk raises DataError with the path at fault in the message;
 main.py turns it into a one-line error.
 """
+import contextlib
 import json
 import os
 import warnings
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -36,18 +39,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert('RGB')
 
 
-def load_image(path: str) -> Image.Image:
-    """Open an image as RGB; a broken file raises DataError naming it.
+def load_image(source, name: Optional[str] = None) -> Image.Image:
+    """Open an image as RGB: a path, or a binary file object (a shard's member) that messages call `name`.
+    A broken file raises DataError naming it.
 
     A module-level function so DataLoader workers can pickle it.
     """
     try:
-        with open(path, 'rb') as f:
+        with open(source, 'rb') if name is None else contextlib.nullcontext(source) as f:
             return to_rgb(Image.open(f))
     # PIL signals bad files with OSError (truncated, unidentified), SyntaxError (broken PNG),
     # ValueError and DecompressionBombError (absurd sizes)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f'cannot read image {path}: {err}') from err
+        raise DataError(f'cannot read image {source if name is None else name}: {err}') from err
 
 
 class ImageFolderDataset(datasets.ImageFolder):
@@ -166,7 +170,13 @@ def build_dataset(is_train: bool, args, transform=None):
     """Returns (dataset, nb_classes); args.nb_classes, when set, overrides the count.
 
     `transform` replaces build_transform's for the PIL images (--data-pipeline gpu: the worker half).
+    WDS: the split's shards (wds_data.Shards), read through its train_stream / eval_stream.
     """
+    if args.data_set == 'WDS':  # a folder or URL prefix; webdataset is imported for shards only
+        import wds_data
+        shards = wds_data.open_split(args.data_path or '', is_train, transform or build_transform(is_train, args),
+                                     args.nb_classes)
+        return shards, shards.nb_classes
     root = args.data_path
     if not root or not os.path.isdir(root):
         raise DataError(f'data path {root!r} does not exist or is not a folder')

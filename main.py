@@ -201,9 +201,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='train attention, patch / position embedding and head only')
 
     g = p.add_argument_group('data')
-    g.add_argument('--data-path', default=None, metavar='DIR', help='the data set folder (train/ and val/ inside)')
-    g.add_argument('--data-set', default='IMNET', choices=('IMNET', 'CIFAR', 'CIFAR10', 'INAT', 'INAT19', 'FOLDER'),
-                   help='layout of --data-path (FOLDER: any image folder with train/ and val/)')
+    g.add_argument('--data-path', default=None, metavar='DIR',
+                   help="the data set folder (train/ and val/ inside); WDS: the shards' folder, URL prefix or "
+                        "pipe: command with {} for the file name")
+    g.add_argument('--data-set', default='IMNET',
+                   choices=('IMNET', 'CIFAR', 'CIFAR10', 'INAT', 'INAT19', 'FOLDER', 'WDS'),
+                   help='layout of --data-path (FOLDER: any image folder with train/ and val/; WDS: WebDataset '
+                        'shards and _info.json, as timm/imagenet-1k-wds or scripts/make_shards.py)')
     g.add_argument('--eval-set', default='in1k', choices=eval_sets.EVAL_SETS,
                    help="with --eval: the set at --data-path, in its own layout and scored by its own rule "
                         "(ImageNet-ReaL, -V2, -A, -R, -Sketch; see eval_sets.py); in1k: --data-set's val/")
@@ -214,6 +218,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='iNaturalist: the taxonomy level that makes a class')
     g.add_argument('--nb-classes', type=COUNT, default=None, help='classifier size (when not given: from the data)')
     g.add_argument('--num_workers', type=NONNEG_INT, default=10, help='DataLoader worker processes per process')
+    g.add_argument('--shuffle-buffer', type=COUNT, default=1000,
+                   help='WDS: samples each DataLoader worker holds to shuffle the shards it reads (undecoded: '
+                        'about 110 KB each for ImageNet)')
     g.add_argument('--pin-mem', action=bool_flag, default=True, help='pinned host memory (CUDA only)')
     g.add_argument('--data-pipeline', default='auto', choices=('auto', 'cpu', 'gpu'),
                    help='cpu: PIL augments in the DataLoader workers; gpu: the workers decode and crop, '
@@ -378,22 +385,31 @@ def build_loaders(args, device):
         return build_dataset(is_train, args, transform)
 
     dataset_val, nb_classes = dataset(False)
-    val_set = dataset_val
-    if args.distributed and args.dist_eval:
+    val_set, val_batch = dataset_val, int(1.5 * args.batch_size)
+    shard_val = args.distributed and args.dist_eval
+    if hasattr(dataset_val, 'eval_stream'):  # shards: streams cut per process (all when rank 0 evaluates alone)
+        val_set = dataset_val.eval_stream(val_batch, args.num_workers, *((world, rank) if shard_val else (1, 0)))
+    elif shard_val:
         val_set = torch.utils.data.Subset(dataset_val, range(rank, len(dataset_val), world))  # no padding
-    loader_val = make_loader(val_set, batch_size=int(1.5 * args.batch_size), shuffle=False)
+    loader_val = make_loader(val_set, batch_size=val_batch, shuffle=False)
     if args.eval:
         return None, loader_val, len(dataset_val), nb_classes
 
     dataset_train, nb_classes = dataset(True)
-    if args.repeated_aug:
-        sampler = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    else:  # DistributedSampler with one replica is a seeded, epoch-dependent shuffle
-        sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world, rank=rank,
-                                                      shuffle=True, seed=args.seed)
+    if args.data_set == 'WDS':  # the stream orders itself: every sample once per epoch, equal steps per rank
+        dataset_train = dataset_train.train_stream(args.batch_size, args.num_workers, world, rank, args.seed,
+                                                   repeats=3 if args.repeated_aug else 1, buffer=args.shuffle_buffer)
+        sampler, per_process = None, dataset_train.per_rank
+    else:
+        if args.repeated_aug:
+            sampler = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+        else:  # DistributedSampler with one replica is a seeded, epoch-dependent shuffle
+            sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world, rank=rank,
+                                                          shuffle=True, seed=args.seed)
+        per_process = len(sampler)
     loader_train = make_loader(dataset_train, sampler=sampler, batch_size=args.batch_size, drop_last=True)
     if len(loader_train) == 0:
-        raise ConfigError(f'{args.data_path}: {len(sampler)} training images per process make no full batch '
+        raise ConfigError(f'{args.data_path}: {per_process} training images per process make no full batch '
                           f'of --batch-size {args.batch_size}')
     return loader_train, loader_val, len(dataset_val), nb_classes
 
@@ -415,6 +431,11 @@ def build_mixup(args, nb_classes) -> Optional[Mixup]:
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                  label_smoothing=args.smoothing, num_classes=nb_classes)
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """The epoch's sample order: from the sampler, or from the shard stream, which orders itself."""
+    (loader.dataset if hasattr(loader.dataset, 'set_epoch') else loader.sampler).set_epoch(epoch)
 
 
 # ---- model and weights -----------------------------------------------------------------------------
@@ -986,7 +1007,7 @@ def train(args, model, ckpt, loader_train, loader_val, n_val, nb_classes, device
     print(f'Training for {args.epochs} epochs from epoch {args.start_epoch}')
     start_time, log_stats = time.time(), {}
     for epoch in range(args.start_epoch, args.epochs):
-        loader_train.sampler.set_epoch(epoch)
+        set_epoch(loader_train, epoch)
         schedule(scheduler, args, epoch)
         train_stats = train_one_epoch(
             train_model, criterion, loader_train, optimizer, device, epoch, scaler, amp_dtype,

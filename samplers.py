@@ -6,6 +6,13 @@ import torch
 import torch.distributed as dist
 
 
+def samples_per_rank(n: int, world: int, num_repeats: int) -> int:
+    """Samples each rank takes per epoch under repeated augmentation: the released count, whole blocks of
+    256 images across all ranks (floor(n / 256) * 256 / world), or, where that is 0, each rank's whole share
+    of the n * num_repeats copies. (The shard streams of wds_data.py take the same count.)"""
+    return n // 256 * 256 // world or math.ceil(n * num_repeats / world)
+
+
 class RASampler(torch.utils.data.Sampler):
     """Distributed sampler with repeated augmentation (the DeiT recipe).
 
@@ -37,10 +44,7 @@ class RASampler(torch.utils.data.Sampler):
         # each rank's share of the repeated, padded list
         self.num_samples = math.ceil(len(dataset) * num_repeats / num_replicas)
         self.total_size = self.num_samples * num_replicas
-        # the released epoch length, in whole blocks of 256 images across all ranks
-        self.num_selected = len(dataset) // 256 * 256 // num_replicas
-        if self.num_selected == 0:
-            self.num_selected = self.num_samples
+        self.num_selected = samples_per_rank(len(dataset), num_replicas, num_repeats)
 
     def __iter__(self):
         n = len(self.dataset)

@@ -3,8 +3,10 @@
     python scripts/make_photo_folder.py --out runs/photos --train 5000 --val 500
     python scripts/benchmark_data.py --data runs/photos --workers 1 2 4 8 --json data.json
     python scripts/benchmark_data.py --data runs/photos --workers 14 --model vit5_small --compile   # on a GPU
+    python scripts/make_shards.py --src runs/photos --out runs/photo-shards
+    python scripts/benchmark_data.py --data runs/photos --shards runs/photo-shards --workers 1 --skip per_core loaders
 
-Three measurements, each optional:
+Four measurements, each optional:
   per core  one process, one thread, the stages of one image: decode alone (PIL, as the loaders
             read), decode + the CPU path's ThreeAugment recipe, decode + its eval transform, decode +
             the gpu pipeline's worker half (draw, crop, uint8 pixels; train and eval), and the gpu
@@ -14,12 +16,23 @@ Three measurements, each optional:
             random (with replacement) from DATA/train: the CPU path; the gpu path's workers alone
             (batches of crop pixels as they reach the main process); the gpu path end to end
             (batches ready, normalised, on --device).
+  storage   with --shards (the same images as shards, from make_shards.py): the training loader at
+            each --workers count (>= 1) reading one epoch of the folder, then of the shards (main.py's
+            --data-set WDS stream), each image once: the bytes alone (a loader whose images are decoded elsewhere, e.g. on the GPU),
+            the CPU path, the gpu path's workers; without, then with every file open taking
+            --open-delay ms of its worker's time, as a network filesystem's round trip would (a
+            folder opens each image, a shard stream each shard). Rates are images per CPU second of
+            the worker processes (img/s per core on an otherwise idle machine; the delay is a spin
+            on the worker's CPU clock, so it counts in full whatever else the machine runs).
+            --rounds rounds, folder and shards alternating; medians of rates and per-round ratios.
   training  with --model: training steps (bf16 autocast on CUDA, mixup/cutmix, BCE, LAMB) fed by
             one synthetic batch kept on the device, then by each loader; img/s and the ratio to synthetic.
-Files are read through the page cache (run once to warm it): the numbers are CPU and device costs.
+Files are read through the page cache (warmed first): the numbers are CPU and device costs, plus the
+simulated latency.
 """
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -41,7 +54,11 @@ def get_args_parser():
     p.add_argument('--rounds', type=int, default=3, help='per-core rounds, stages alternating; medians are reported')
     p.add_argument('--batches', type=int, default=10, help='timed batches per loader (and training) measurement')
     p.add_argument('--warmup', type=int, default=2, help='untimed batches first (worker start-up, compilation)')
-    p.add_argument('--skip', nargs='*', default=[], choices=('per_core', 'loaders'), help='measurements to leave out')
+    p.add_argument('--skip', nargs='*', default=[], choices=('per_core', 'loaders', 'storage'),
+                   help='measurements to leave out')
+    p.add_argument('--shards', default=None, help='the same images as WebDataset shards (make_shards.py --src DATA): '
+                                                  'measure folder against shards')
+    p.add_argument('--open-delay', type=float, default=2.0, help='simulated latency per file open in ms (default 2)')
     p.add_argument('--model', default=None, help='also time training steps of this timm model (e.g. vit5_small)')
     p.add_argument('--compile', action='store_true',
                    help="torch.compile the gpu pipeline's pixel-wise steps (as main.py --compile does) and the model")
@@ -57,6 +74,8 @@ def parse_args(argv=None):
                                                                                      args.rounds) < 1:
         p.error('--workers must be >= 0, --input-size >= 8, --batch-size >= 2, --images, --batches and '
                 '--rounds >= 1')
+    if args.open_delay < 0:
+        p.error(f'--open-delay must be >= 0, got {args.open_delay}')
     return args
 
 
@@ -117,16 +136,58 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def make_loader(args, pipeline: str, workers: int, device, batches: int):
-    """The training loader of main.py's `pipeline` over DATA/train, drawing batches * batch_size images;
-    'gpu_workers': the gpu pipeline's DataLoader without the device half."""
+def read_file(path: str) -> bytes:
+    """The 'read' stage's folder loader: the file's bytes, undecoded."""
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+def keep_bytes(fp, name) -> bytes:
+    """The 'read' stage's image loader for shards: the member's bytes, undecoded."""
+    return fp.getvalue()
+
+
+class OpenDelay:
+    """`open_fn` (a folder's image loader, a shard stream's opener) after `seconds` of waiting: the round
+    trip a network filesystem adds to every file open, during which the worker's core does nothing else.
+    The wait spins on this thread's CPU clock, so it is charged to the worker in full however loaded the
+    machine is (a sleep would vanish from its CPU time). A class, so loader workers can pickle it."""
+
+    def __init__(self, open_fn, seconds: float):
+        self.open_fn, self.seconds = open_fn, seconds
+
+    def __call__(self, *args):
+        end = time.thread_time() + self.seconds
+        while time.thread_time() < end:
+            pass
+        return self.open_fn(*args)
+
+
+def make_loader(args, pipeline: str, workers: int, device, batches=None, shards=None, open_delay: float = 0.0):
+    """The training loader of main.py's `pipeline` over DATA/train, drawing batches * batch_size images at
+    random (batches None: one epoch, each image once), or over the --shards stream (one epoch); 'gpu_workers':
+    the gpu pipeline's DataLoader without the device half; 'read': the images' bytes, undecoded (their
+    sizes are the batch). `open_delay`: seconds added to every file open."""
     import gpu_augment
     from datasets import ImageFolderDataset, build_transform
     settings = recipe_args(args)
     gpu = pipeline in ('gpu', 'gpu_workers')
     transform = gpu_augment.worker_transform(True, settings) if gpu else build_transform(True, settings)
-    dataset = ImageFolderDataset(str(Path(args.data) / 'train'), transform)
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batches * args.batch_size)
+    transform = len if pipeline == 'read' else transform
+    if shards is None:
+        dataset = ImageFolderDataset(str(Path(args.data) / 'train'), transform)
+        dataset.loader = read_file if pipeline == 'read' else dataset.loader
+        dataset.loader = OpenDelay(dataset.loader, open_delay) if open_delay else dataset.loader
+        if batches is None:  # one epoch
+            sampler = torch.utils.data.RandomSampler(dataset)
+        else:
+            sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batches * args.batch_size)
+    else:
+        import wds_data
+        dataset = wds_data.open_split(shards, True, transform).train_stream(args.batch_size, workers, seed=args.seed)
+        dataset.image_loader = keep_bytes if pipeline == 'read' else dataset.image_loader
+        dataset.opener = OpenDelay(dataset.opener, open_delay) if open_delay else dataset.opener
+        sampler = None
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
                                          pin_memory=device.type == 'cuda', drop_last=True,
                                          collate_fn=gpu_augment.collate if gpu else None)
@@ -159,6 +220,41 @@ def loaders(args, device) -> dict:
             out[pipeline][str(workers)] = time_loader(loader, args.warmup, device)
             print(f'[loader] {pipeline} pipeline, {workers} workers: {out[pipeline][str(workers)]:.1f} img/s',
                   file=sys.stderr, flush=True)
+    return out
+
+
+def worker_cpu_rate(loader) -> float:
+    """Images per CPU second of the loader's worker processes, over a whole pass (the DataLoader joins its
+    workers at the end, and only then does their CPU time count among this process's children)."""
+    start, images = resource.getrusage(resource.RUSAGE_CHILDREN), 0
+    for *_, targets in loader:
+        images += len(targets)
+    end = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return images / (end.ru_utime + end.ru_stime - start.ru_utime - start.ru_stime)
+
+
+def storage(args, device) -> dict:
+    """img/s per core (per CPU second of the loader workers) of the training loader from the folder and from
+    the shards (bytes alone, CPU path, gpu path's workers) at each --workers count, without and with the
+    --open-delay latency, and the shards' speed relative to the folder's: medians over --rounds alternating
+    rounds."""
+    for path in [*Path(args.data, 'train').rglob('*'), *Path(args.shards).glob('*.tar')]:
+        if path.is_file():
+            path.read_bytes()  # warm the page cache: what follows is CPU time and the simulated latency
+    out = {}
+    for pipeline in ('read', 'cpu', 'gpu_workers'):
+        for delay in (0.0, args.open_delay):
+            for workers in [w for w in args.workers if w > 0]:
+                rounds = dict(folder=[], shards=[])
+                for _ in range(args.rounds):
+                    for source, shards in (('folder', None), ('shards', args.shards)):
+                        loader = make_loader(args, pipeline, workers, device, None, shards, delay / 1000)
+                        rounds[source].append(worker_cpu_rate(loader))  # one epoch: the same images either way
+                key = f'{pipeline}, {delay:g} ms, {workers} workers'
+                out[key] = {source: statistics.median(r) for source, r in rounds.items()}
+                out[key]['shards_vs_folder'] = statistics.median(s / f for s, f in zip(rounds['shards'], rounds['folder']))
+                print(f'[storage] {key}: folder {out[key]["folder"]:.1f}, shards {out[key]["shards"]:.1f} img/s per '
+                      f'core ({out[key]["shards_vs_folder"]:.2f}x)', file=sys.stderr, flush=True)
     return out
 
 
@@ -208,6 +304,8 @@ def main(argv=None):
     classes = len([d for d in train.iterdir() if d.is_dir()])
     if not files:
         fail(f'no images in {train}')
+    if args.shards and not Path(args.shards, '_info.json').is_file():
+        fail(f'--shards {args.shards} has no _info.json (write the shards with scripts/make_shards.py --src {args.data})')
     try:
         device = torch.device(args.device)
     except RuntimeError as err:
@@ -220,11 +318,14 @@ def main(argv=None):
     result = dict(config=dict(data=args.data, images=len(files), input_size=args.input_size,
                               batch_size=args.batch_size, device=str(device), torch=torch.__version__,
                               torchvision=torchvision.__version__, timm=timm.__version__, cpu_threads=threads,
-                              model=args.model, compile=args.compile))
+                              model=args.model, compile=args.compile, shards=args.shards,
+                              open_delay_ms=args.open_delay))
     if 'per_core' not in args.skip:
         result['per_core'], result['batch_cost'] = per_core(args, files, device)
     if 'loaders' not in args.skip:
         result['loaders'] = loaders(args, device)
+    if args.shards and 'storage' not in args.skip:
+        result['storage'] = storage(args, device)
     if args.model:
         result['training'] = training(args, device, classes)
     print_table(result)
@@ -244,6 +345,9 @@ def print_table(result: dict):
         print(f'  batch     {name:<22} {value:8.2f}')
     for pipeline, rates in result.get('loaders', {}).items():
         print(f'  loader    {pipeline:<16} ' + '  '.join(f'{w} workers: {r:.1f}' for w, r in rates.items()) + ' img/s')
+    for key, rates in result.get('storage', {}).items():
+        print(f'  storage   {key:<28} folder {rates["folder"]:8.1f}  shards {rates["shards"]:8.1f} img/s per core'
+              f'  ({rates["shards_vs_folder"]:.2f}x)')
     train = result.get('training')
     if train:
         print(f"  training  synthetic {train['synthetic']:.1f} img/s; cpu {train['cpu']:.1f} "

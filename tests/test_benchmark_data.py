@@ -9,6 +9,7 @@ from tinyrun import REPO, run_cli
 sys.path.insert(0, str(REPO / 'scripts'))
 import benchmark_data  # noqa: E402
 import make_photo_folder  # noqa: E402
+import make_shards  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -16,14 +17,15 @@ def photos(tmp_path_factory):
     out = tmp_path_factory.mktemp('photos')
     make_photo_folder.main(['--out', str(out), '--train', '12', '--val', '4', '--min-side', '40', '--max-side', '80',
                             '--odd', '0.25'])
+    make_shards.main(['--src', str(out), '--out', str(out / 'shards'), '--shard-size', '0.01', '--workers', '1'])
     return out
 
 
 def test_all_measurements_as_a_command(photos, tmp_path):
     out = tmp_path / 'data.json'
     proc = run_cli(['--data', photos, '--input-size', 32, '--batch-size', 4, '--workers', 0, 1, '--images', 4,
-                    '--rounds', 1, '--batches', 2, '--warmup', 1, '--model', 'vit5_tiny', '--json', out],
-                   timeout=300, script='scripts/benchmark_data.py')
+                    '--rounds', 1, '--batches', 2, '--warmup', 1, '--model', 'vit5_tiny', '--json', out,
+                    '--shards', photos / 'shards', '--open-delay', 1], timeout=300, script='scripts/benchmark_data.py')
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == res  # the same blob on stdout
@@ -40,7 +42,13 @@ def test_all_measurements_as_a_command(photos, tmp_path):
     assert train['workers'] == 1 and train['synthetic'] > 0
     assert train['cpu_ratio'] == pytest.approx(train['cpu'] / train['synthetic'])
     assert train['gpu_ratio'] == pytest.approx(train['gpu'] / train['synthetic'])
+    storage = res['storage']  # folder vs shards, per worker, without and with the open latency
+    assert set(storage) == {f'{p}, {d} ms, {w} workers' for p in ('read', 'cpu', 'gpu_workers') for d in (0, 1)
+                            for w in (1,)}  # worker processes' CPU time: no entry for 0 workers
+    assert all(r['folder'] > 0 and r['shards_vs_folder'] == pytest.approx(r['shards'] / r['folder'])
+               for r in storage.values())
     assert 'per core  cpu_recipe' in proc.stdout and 'training  synthetic' in proc.stdout  # the table
+    assert 'storage   read, 1 ms, 1 workers' in proc.stdout
 
 
 def test_loader_batches_are_ready_for_the_model(photos):
@@ -61,6 +69,8 @@ def test_loader_batches_are_ready_for_the_model(photos):
     (['--workers', '-1'], '--workers'),
     (['--device', 'nonsense'], '--device'),
     (['--skip', 'per_core', 'loaders', '--model', 'no_such_model'], 'no_such_model'),
+    (['--shards', 'nowhere'], 'has no _info.json'),
+    (['--open-delay', '-1'], '--open-delay'),
 ])
 def test_errors_are_one_line(argv, message, photos, capsys):
     with pytest.raises(SystemExit) as exc:
