@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import main
 import utils
 from tinyrun import REPO, TINY, make_image_folder, one_thread, parse, read_log, run_cli, run_main
@@ -144,41 +145,45 @@ def data(tmp_path_factory):
 
 
 def run_keeping_checkpoints(argv):
-    """run_main, keeping a copy of checkpoint.pth as written after each epoch (checkpoint.pth.epochN)."""
-    save = utils.save_checkpoint
+    """run_main, keeping a copy of checkpoint.pth as written after each epoch (checkpoint.pth.epochN) and
+    after batch k of epoch N (checkpoint.pth.epochN.batchk, with --save-interval)."""
+    save = checkpoint.save_checkpoint
 
-    def save_and_keep(state, path):
-        save(state, path)
+    def save_and_keep(state, path, keep_previous=False):
+        save(state, path, keep_previous)
         if Path(path).name == 'checkpoint.pth':
-            shutil.copy(path, f'{path}.epoch{state["epoch"]}')
+            mid = '' if state['batches_done'] is None else f'.batch{state["batches_done"]}'
+            shutil.copy(path, f'{path}.epoch{state["epoch"]}{mid}')
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(utils, 'save_checkpoint', save_and_keep)
+        mp.setattr(checkpoint, 'save_checkpoint', save_and_keep)
         return run_main(argv)[1]
 
 
-def resume_and_compare(argv, out, epoch, tmp_path):
-    """Restart `argv` (which wrote to `out`) from the checkpoint of `epoch` in a fresh output dir;
-    assert its final model and EMA equal the uninterrupted run's bit for bit."""
-    out2 = tmp_path / f'resumed{epoch}'
+def resume_and_compare(argv, out, epoch, tmp_path, batch=None):
+    """Restart `argv` (which wrote to `out`) from the checkpoint of `epoch` (after `batch` of its batches,
+    when given) in a fresh output dir; assert its final model and EMA equal the uninterrupted run's bit for
+    bit, and its log lines too (with `batch`, that epoch's line included: its running loss was saved)."""
+    name = f'checkpoint.pth.epoch{epoch}' + ('' if batch is None else f'.batch{batch}')
+    out2 = tmp_path / f'resumed_{name}'
     out2.mkdir()
-    shutil.copy(out / f'checkpoint.pth.epoch{epoch}', out2 / 'checkpoint.pth')
+    shutil.copy(out / name, out2 / 'checkpoint.pth')
     run_main([a if a != out else out2 for a in argv] + ['--resume', out2 / 'checkpoint.pth'])
-    full = utils.load_checkpoint(str(out / 'checkpoint.pth'))
-    resumed = utils.load_checkpoint(str(out2 / 'checkpoint.pth'))
+    full = checkpoint.load_checkpoint(str(out / 'checkpoint.pth'))
+    resumed = checkpoint.load_checkpoint(str(out2 / 'checkpoint.pth'))
     for key in ('model', 'model_ema'):
         assert full[key].keys() == resumed[key].keys()
         for name, tensor in full[key].items():
             assert torch.equal(tensor, resumed[key][name]), f'{key}.{name}'
     assert resumed['max_accuracy'] == full['max_accuracy']
-    assert read_log(out2) == read_log(out)[epoch + 1:]  # same losses and accuracies, epoch by epoch
+    assert read_log(out2) == read_log(out)[epoch + (batch is None):]  # same losses and accuracies, epoch by epoch
 
 
 @pytest.fixture(scope='module')
 def pretrain(data, tmp_path_factory):
-    """3 epochs of the released pretraining flags."""
+    """3 epochs of the released pretraining flags (4 steps each), a checkpoint every 3 optimizer steps."""
     out = tmp_path_factory.mktemp('pretrain')
-    argv = TINY + ['--data-path', data, '--output_dir', out] + PRETRAIN_TINY
+    argv = TINY + ['--data-path', data, '--output_dir', out] + PRETRAIN_TINY + ['--save-interval', 3]
     return types.SimpleNamespace(out=out, argv=argv, stdout=run_keeping_checkpoints(argv))
 
 
@@ -195,9 +200,9 @@ def test_pretraining_flags_end_to_end(pretrain):
     assert 'Accuracy of the network on the 9 test images' in out
     progress = [line for line in out.splitlines() if line.startswith('Epoch: [0] [')]
     assert progress and all(k in progress[0] for k in ('eta:', 'lr:', 'loss:', 'img/s:', 'data:', 'max mem:'))
-    ckpt = utils.load_checkpoint(str(pretrain.out / 'checkpoint.pth'))
-    assert {'model', 'model_ema', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'args', 'max_accuracy',
-            'rng'} <= set(ckpt)
+    ckpt = checkpoint.load_checkpoint(str(pretrain.out / 'checkpoint.pth'))
+    assert {'model', 'model_ema', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'batches_done', 'world_size',
+            'args', 'max_accuracy'} == set(ckpt) and ckpt['batches_done'] is None
     assert isinstance(ckpt['args'], argparse.Namespace) and ckpt['epoch'] == 2
     assert ckpt['max_accuracy'] == max(e['test_acc1'] for e in log)
     # epoch e trained at the scheduler's value for e: the warmup lr in epoch 0 only
@@ -205,30 +210,44 @@ def test_pretraining_flags_end_to_end(pretrain):
     assert log[1]['train_lr'] == pytest.approx(1e-5 + 0.5 * (4e-3 - 1e-5) * (1 + math.cos(math.pi / 3)))
 
 
-@pytest.mark.parametrize('stopped_after', [0, 1])
-def test_resume_is_exact(pretrain, tmp_path, stopped_after):
-    """Stopped after an epoch, resumed with the same command: bit-identical model and EMA at the end."""
-    resume_and_compare(pretrain.argv, pretrain.out, stopped_after, tmp_path)
+@pytest.mark.parametrize('epoch, batch', [(0, None), (1, None), (1, 2)])
+def test_resume_is_exact(pretrain, tmp_path, epoch, batch):
+    """Stopped after an epoch, or after batch 2 of epoch 1 (--save-interval 3: the 6th optimizer step),
+    resumed with the same command: bit-identical model and EMA at the end, the same log lines."""
+    assert sorted(p.name for p in pretrain.out.glob('checkpoint.pth.*')) == [
+        'checkpoint.pth.epoch0', 'checkpoint.pth.epoch0.batch3', 'checkpoint.pth.epoch1',
+        'checkpoint.pth.epoch1.batch2', 'checkpoint.pth.epoch2', 'checkpoint.pth.epoch2.batch1']
+    resume_and_compare(pretrain.argv, pretrain.out, epoch, tmp_path, batch)
 
 
-def test_resume_is_exact_with_loader_workers(data, tmp_path):
-    """Augmentation in DataLoader workers: their seeds come from the restored RNG too."""
+@pytest.fixture(scope='module')
+def photo_data(tmp_path_factory):
+    """An image folder of real photo crops (JPEG, 40 to 160 px a side): 3 classes of 4 train and 2 val images."""
+    from photos import photo_crops
+    root = tmp_path_factory.mktemp('photos')
+    crops = iter(photo_crops(18, min_side=40, max_side=160, seed=3))
+    for split, n in (('train', 4), ('val', 2)):
+        for k in range(3):
+            (root / split / f'class_{k}').mkdir(parents=True)
+            for i in range(n):
+                next(crops).save(root / split / f'class_{k}' / f'{i}.jpg', quality=90)
+    return root
+
+
+@pytest.mark.parametrize('pipeline', ['cpu', 'gpu'])
+def test_mid_epoch_resume_is_exact_whatever_the_workers(photo_data, tmp_path, pipeline, monkeypatch):
+    """--save-interval, both data pipelines, on photos: resumed after batch 3 of epoch 0 with a DataLoader
+    worker where the first run had none, the run ends bit-identical to the uninterrupted one. Each image's
+    draws (crop, flip, one-of, jitter; the gpu pipeline's parameters) come from its seed and position in the
+    epoch, whichever process decodes it; the batch's mixup and drop path from (seed, epoch, batch)."""
+    # one compute thread in both runs: main.py otherwise gives compute the cores the workers leave, and
+    # another thread count sums in another order
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
     out = tmp_path / 'run'
-    argv = TINY + ['--data-path', data, '--output_dir', out, '--epochs', 2, '--num_workers', 1,
-                   '--ThreeAugment', '--bce-loss', '--smoothing', 0, '--model-ema-decay', 0.9]
+    argv = TINY + ['--data-path', photo_data, '--output_dir', out] + PRETRAIN_TINY + [
+        '--epochs', 2, '--save-interval', 3, '--data-pipeline', pipeline, '--input-size', 48]  # resized, not CIFAR-padded
     run_keeping_checkpoints(argv)
-    resume_and_compare(argv, out, 0, tmp_path)
-
-
-@pytest.mark.parametrize('workers', [0, 1])
-def test_resume_is_exact_with_the_device_pipeline(data, tmp_path, workers):
-    """--data-pipeline gpu (on the CPU here): crops and parameters drawn in the workers (or this
-    process) from the restored RNG, the rest computed on the device from them."""
-    out = tmp_path / 'run'
-    argv = TINY + ['--data-path', data, '--output_dir', out] + PRETRAIN_TINY + [
-        '--num_workers', workers, '--data-pipeline', 'gpu']
-    run_keeping_checkpoints(argv)
-    resume_and_compare(argv, out, 1, tmp_path)
+    resume_and_compare(argv + ['--num_workers', 1], out, 0, tmp_path, batch=3)
 
 
 def test_auto_resume_picks_up_output_checkpoint(pretrain, tmp_path):
@@ -266,8 +285,8 @@ def test_finetune_at_another_size_from_ema(pretrain, data, tmp_path):
     summary = [line for line in out.splitlines() if line.startswith('Fine-tuning from')]
     assert summary == [f'Fine-tuning from {ckpt} (EMA weights): loaded 36 of 38 tensors; pos_embed resampled '
                        f'2x2 -> 3x3; dropped head.weight, head.bias (3 classes in the file, 5 in the model)']
-    src = utils.load_checkpoint(ckpt)['model_ema']
-    tuned = utils.load_checkpoint(str(tmp_path / 'ft' / 'checkpoint.pth'))
+    src = checkpoint.load_checkpoint(ckpt)['model_ema']
+    tuned = checkpoint.load_checkpoint(str(tmp_path / 'ft' / 'checkpoint.pth'))
     assert tuned['model']['pos_embed'].shape == (1, 9, 48) and src['pos_embed'].shape == (1, 4, 48)
     assert tuned['model']['head.weight'].shape == (5, 48)
     assert len(read_log(tmp_path / 'ft')) == 1
@@ -364,7 +383,7 @@ class Payload:
 
 
 def test_checkpoint_carrying_code_is_refused_unexecuted(data, tiny_ckpt, tmp_path, capsys):
-    ckpt = utils.load_checkpoint(tiny_ckpt)
+    ckpt = checkpoint.load_checkpoint(tiny_ckpt)
     ckpt['extra'] = Payload(tmp_path / 'ran')
     torch.save(ckpt, tmp_path / 'evil.pth')
     for flag in ('--resume', '--finetune'):
@@ -518,7 +537,7 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_the_last_checkpoint(data, tmp_pat
     ckpt = out / 'checkpoint.pth'
     assert proc.returncode == 130
     assert err == f'interrupted; {ckpt} holds the last finished epoch (continue with --resume {ckpt})\n'
-    assert utils.load_checkpoint(str(ckpt))['epoch'] >= 0
+    assert checkpoint.load_checkpoint(str(ckpt))['epoch'] >= 0
     assert not [p.name for p in out.iterdir() if p.name.endswith('.tmp')]
 
 

@@ -243,8 +243,8 @@ def load_exported(path):
 @torch.no_grad()
 def test_convert_checkpoint_loads_strictly_with_same_logits(trained, tmp_path):
     import convert_checkpoint
-    import utils
-    ckpt = utils.load_checkpoint(str(trained / 'checkpoint.pth'))
+    import checkpoint
+    ckpt = checkpoint.load_checkpoint(str(trained / 'checkpoint.pth'))
     x = torch.randn(2, 3, 32, 32)
 
     out = tmp_path / 'w.safetensors'
@@ -263,9 +263,9 @@ def test_convert_checkpoint_loads_strictly_with_same_logits(trained, tmp_path):
 
 def test_convert_checkpoint_summary_and_prefixes(trained, tmp_path):
     import convert_checkpoint
-    import utils
+    import checkpoint
     from safetensors.torch import load_file
-    ckpt = utils.load_checkpoint(str(trained / 'checkpoint.pth'))
+    ckpt = checkpoint.load_checkpoint(str(trained / 'checkpoint.pth'))
     ckpt['model'] = {f'module._orig_mod.{k}': v for k, v in ckpt['model'].items()}  # DDP + compile
     del ckpt['model_ema']
     src = tmp_path / 'prefixed.pth'
