@@ -32,7 +32,6 @@ import checkpoint
 import gpu_augment
 import models_vit5
 import utils
-from checkpoint import scheduler_state
 from datasets import DataError, build_dataset
 from engine import evaluate, train_one_epoch
 from losses import build_criterion

@@ -634,9 +634,9 @@ def test_plateau_schedule_decays_after_patience_and_resumes():
 
     opt, sched = fresh()
     assert epochs(opt, sched, [50.0, 50.0]) == [1e-3, 1e-3]
-    state = (opt.state_dict(), main.scheduler_state(sched).state_dict())
+    state = (opt.state_dict(), checkpoint.scheduler_state(sched).state_dict())
     assert epochs(opt, sched, [50.0, 50.0]) == [1e-3, 5e-4]  # two epochs without gain, patience 1
     opt2, sched2 = fresh()  # resumed after epoch 1: the patience counter comes back too
     opt2.load_state_dict(state[0])
-    main.scheduler_state(sched2).load_state_dict(state[1])
+    checkpoint.scheduler_state(sched2).load_state_dict(state[1])
     assert epochs(opt2, sched2, [50.0, 50.0], start=2) == [1e-3, 5e-4]
