@@ -245,9 +245,45 @@ def test_mid_epoch_resume_is_exact_whatever_the_workers(photo_data, tmp_path, pi
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     out = tmp_path / 'run'
     argv = TINY + ['--data-path', photo_data, '--output_dir', out] + PRETRAIN_TINY + [
-        '--epochs', 2, '--save-interval', 3, '--data-pipeline', pipeline, '--input-size', 48]  # resized, not CIFAR-padded
+        '--epochs', 1, '--save-interval', 3, '--data-pipeline', pipeline, '--input-size', 48]  # resized, not CIFAR-padded
     run_keeping_checkpoints(argv)
     resume_and_compare(argv + ['--num_workers', 1], out, 0, tmp_path, batch=3)
+
+
+def test_auto_resume_falls_back_from_a_truncated_checkpoint(pretrain, tmp_path, capsys):
+    """The newest checkpoint cut short (a full disk, a node lost before the file system caught up): the
+    command says so in one line, resumes from the one before it and ends bit-identical to the full run."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    shutil.copy(pretrain.out / 'checkpoint.pth.epoch1', run / 'previous_checkpoint.pth')
+    raw = (pretrain.out / 'checkpoint.pth.epoch1.batch2').read_bytes()
+    (run / 'checkpoint.pth').write_bytes(raw[:len(raw) * 2 // 3])
+    argv = [a if a != pretrain.out else run for a in pretrain.argv] + ['--auto-resume']
+    capsys.readouterr()
+    with one_thread():
+        assert main.cli([str(a) for a in argv]) == 0
+    out, err = capsys.readouterr()
+    assert 'Traceback' not in out + err and err == ''
+    newest, previous = run / 'checkpoint.pth', run / 'previous_checkpoint.pth'
+    assert [line for line in out.splitlines() if 'esuming' in line] == [
+        f'{newest} is truncated or not a PyTorch checkpoint (PytorchStreamReader failed reading zip archive: '
+        f'failed finding central directory): resuming from the one before, {previous}',
+        f'Auto-resuming from {previous}'], out
+    full, resumed = (checkpoint.load_checkpoint(str(d / 'checkpoint.pth')) for d in (pretrain.out, run))
+    for key in ('model', 'model_ema'):
+        assert all(torch.equal(t, resumed[key][name]) for name, t in full[key].items()), key
+    assert read_log(run) == read_log(pretrain.out)[2:]
+
+
+def test_mid_epoch_checkpoint_with_another_batch_size_continues_after_as_many_images(pretrain, tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    shutil.copy(pretrain.out / 'checkpoint.pth.epoch1.batch2', run / 'checkpoint.pth')
+    argv = [a if a != pretrain.out else run for a in pretrain.argv]
+    _, out = run_main(argv + ['--resume', run / 'checkpoint.pth', '--batch', 4, '--epochs', 2])
+    assert (f'{run / "checkpoint.pth"} stopped at batch 2 of epoch 1 with 1 process(es) x batch 8; with 1 x 4 the '
+            f'epoch continues at batch 4, after as many images') in out
+    assert 'Training for 2 epochs from epoch 1, batch 4' in out and [e['epoch'] for e in read_log(run)] == [1]
 
 
 def test_auto_resume_picks_up_output_checkpoint(pretrain, tmp_path):
@@ -402,6 +438,7 @@ def test_settings_that_cannot_work_together(data, capsys):
     assert '--smoothing 0' in cli_error(TINY + ['--data-path', data, '--bce-loss'], capsys)
     assert 'even' in cli_error(TINY + ['--data-path', data, '--batch', 7], capsys)
     assert 'launcher' in cli_error(TINY + ['--data-path', data, '--distributed'], capsys)
+    assert '--save-interval 5 needs --output_dir' in cli_error(TINY + ['--data-path', data, '--save-interval', 5], capsys)
     if importlib.util.find_spec('flash_attn') is None:
         assert 'flash-attn' in cli_error(TINY + ['--data-path', data, '--flash'], capsys)
 

@@ -77,6 +77,25 @@ def test_slurm_needs_a_rendezvous_address(clean_env):
         utils.init_distributed(SimpleNamespace(world_size=1, distributed=False, dist_url='env://'), 'cpu')
 
 
+def test_torchrun_restarts_through_the_agents_store_are_refused(clean_env):
+    """Workers of a torchrun that may restart them and shares its store with them (its default) would find
+    the failed group's addresses there after a restart: refused at the start, saying what to set."""
+    for k, v in dict(RANK='0', WORLD_SIZE='2', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT='1',
+                     TORCHELASTIC_USE_AGENT_STORE='True', TORCHELASTIC_MAX_RESTARTS='1').items():
+        clean_env.setenv(k, v)
+    args = SimpleNamespace(world_size=1, distributed=False, dist_url='env://', dist_timeout=utils.DIST_TIMEOUT_MIN)
+    with pytest.raises(ConfigError, match='TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and launch with --standalone'):
+        utils.init_distributed(args, 'cpu')
+
+
+def test_lost_contact_tells_collective_failures_from_other_errors():
+    gloo = RuntimeError('[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:31651: '
+                        'Connection reset by peer.')
+    assert utils.lost_contact(gloo) and utils.lost_contact(torch.distributed.DistBackendError('NCCL timeout'))
+    assert not utils.lost_contact(RuntimeError('mat1 and mat2 shapes cannot be multiplied'))
+    assert not utils.lost_contact(ValueError('gloo'))
+
+
 # ---- the training loss, read at log steps ------------------------------------------------------------
 def test_log_steps_every_print_freq_and_the_last():
     assert [i for i in range(25) if utils.is_log_step(i, 25, 10)] == [0, 10, 20, 24]
@@ -90,6 +109,20 @@ def test_running_loss_interval_means_and_counts():
     losses.add(torch.tensor([5.0]), 3)  # a one-element loss counts as a scalar
     assert losses.read('epoch 0') == (5.0, 1)
     assert losses.read('epoch 0') == (0.0, 0)  # nothing new since the last read
+
+
+def test_running_loss_carries_stop_requests_and_survives_a_checkpoint():
+    losses = utils.RunningLoss(torch.device('cpu'))
+    for i, v in enumerate([1.0, 2.0, 6.0]):
+        losses.add(torch.tensor(v), i)
+    assert losses.read('epoch 0') == (3.0, 3) and not losses.stopping
+    losses.add(torch.tensor(4.0), 3)
+    restored = utils.RunningLoss(torch.device('cpu'))
+    restored.load_state_dict(losses.state_dict())
+    for running in (losses, restored):
+        running.add(torch.tensor(1.0), 4)
+        assert running.read('epoch 0', stop=running is restored) == (2.5, 2)
+    assert restored.stopping and not losses.stopping
 
 
 @pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
@@ -139,16 +172,17 @@ def test_a_ctrl_c_python_dropped_is_raised_at_the_next_step(monkeypatch):
         next(steps)
 
 
-class _SigintDisposition(torch.utils.data.Dataset):
+class _SignalDispositions(torch.utils.data.Dataset):
     def __len__(self):
         return 2
 
     def __getitem__(self, i):
         import signal
-        return int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+        return [int(signal.getsignal(sig) == signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]
 
 
-def test_loader_workers_leave_ctrl_c_to_the_main_process():
-    loader = torch.utils.data.DataLoader(_SigintDisposition(), batch_size=2, num_workers=1,
+def test_loader_workers_leave_ctrl_c_and_stop_signals_to_the_main_process():
+    """SLURM signals every process of a job step: the workers ignore its SIGTERM / SIGUSR1 as they do Ctrl-C."""
+    loader = torch.utils.data.DataLoader(_SignalDispositions(), batch_size=2, num_workers=1,
                                          worker_init_fn=utils.loader_worker_init)
-    assert next(iter(loader)).tolist() == [1, 1]
+    assert [t.tolist() for t in next(iter(loader))] == [[1, 1]] * 3
