@@ -229,12 +229,22 @@ def loader_worker_init(worker_id: int) -> None:
     process waiting for its batch. The worker's helper threads talk to the main process only (they hand
     it the batches' shared memory); when it stops, their connection drops mid-transfer, which is no
     news worth a traceback."""
-    for sig in (signal.SIGINT, *STOP_SIGNALS):
-        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # not ignored outright: the DataLoader (and multiprocessing, at exit) end workers with SIGTERM
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # in this thread, and the threads started from it
+    threading.Thread(target=_take_stop_signals_from, args=(os.getppid(),), daemon=True).start()
     lost = (ConnectionError, EOFError)
     thread_hook, hook = threading.excepthook, sys.excepthook  # multiprocessing's fd server reports via the latter
     threading.excepthook = lambda a: None if issubclass(a.exc_type, lost) else thread_hook(a)
     sys.excepthook = lambda kind, value, tb: None if issubclass(kind, lost) else hook(kind, value, tb)
+
+
+def _take_stop_signals_from(parent: int) -> None:
+    """A DataLoader worker's stop signals: from the main process (the DataLoader ending its workers) they
+    end the worker at once; from anyone else (SLURM signalling the whole job step) they are dropped."""
+    while True:
+        if signal.sigwaitinfo(set(STOP_SIGNALS)).si_pid == parent:
+            os._exit(0)
 
 
 # ---- CPU threads -------------------------------------------------------------------------------------

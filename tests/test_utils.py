@@ -1,8 +1,12 @@
 """Launcher detection, signals, the training loss read and progress logging."""
 import builtins
 import math
+import os
 import re
+import subprocess
+import time
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -172,17 +176,36 @@ def test_a_ctrl_c_python_dropped_is_raised_at_the_next_step(monkeypatch):
         next(steps)
 
 
-class _SignalDispositions(torch.utils.data.Dataset):
+class _Pids(torch.utils.data.Dataset):
     def __len__(self):
-        return 2
+        return 4
 
     def __getitem__(self, i):
         import signal
-        return [int(signal.getsignal(sig) == signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]
+        return os.getpid(), int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
 
 
 def test_loader_workers_leave_ctrl_c_and_stop_signals_to_the_main_process():
-    """SLURM signals every process of a job step: the workers ignore its SIGTERM / SIGUSR1 as they do Ctrl-C."""
-    loader = torch.utils.data.DataLoader(_SignalDispositions(), batch_size=2, num_workers=1,
-                                         worker_init_fn=utils.loader_worker_init)
-    assert [t.tolist() for t in next(iter(loader))] == [[1, 1]] * 3
+    """Ctrl-C reaches the workers' process group, and SLURM signals every process of a job step: a worker
+    ignores both, and ends on the SIGTERM of its own main process (the DataLoader's shutdown)."""
+    import signal
+    loader = iter(torch.utils.data.DataLoader(_Pids(), batch_size=1, num_workers=1,
+                                              worker_init_fn=utils.loader_worker_init))
+    pid, ignores_ctrl_c = (int(t) for t in next(loader))
+    assert ignores_ctrl_c == 1
+    for sig in ('TERM', 'USR1'):  # from another process, as from SLURM
+        subprocess.run(['kill', f'-{sig}', str(pid)], check=True)
+    assert int(next(loader)[0]) == pid  # still there, still serving
+    os.kill(pid, signal.SIGTERM)  # from its main process
+    deadline = time.monotonic() + 60
+    while process_state(pid) not in 'ZX':  # a zombie (exited, not yet reaped) or gone
+        assert time.monotonic() < deadline, 'the worker outlived its main process\'s SIGTERM'
+        time.sleep(0.01)
+    del loader
+
+
+def process_state(pid: int) -> str:
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(') ', 1)[1][0]
+    except FileNotFoundError:
+        return 'X'
