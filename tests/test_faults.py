@@ -198,13 +198,18 @@ def slurm_job(tmp_path: Path, data: Path, out: Path, name: str, extra=()):
 
 
 def test_stop_signal_to_one_rank_then_the_requeued_job_resumes(data, two_nodes, tmp_path):
-    """A SLURM job's rank 1 alone gets SIGTERM mid-epoch: both ranks stop after the same step, write its
-    checkpoint, print one line and exit with 75; the script requeues the job, which resumes exactly."""
-    out = tmp_path / 'out'
-    job = slurm_job(tmp_path, data, out, 'job')
+    """A SLURM job's rank 1 alone gets SIGTERM mid-epoch, its DataLoader worker too (SLURM signals every
+    process of a task): both ranks stop after the same step, write its checkpoint, print one line and exit
+    with 75; the script requeues the job, which resumes exactly (with a loader worker per rank, where the
+    uninterrupted run had none)."""
+    out, workers = tmp_path / 'out', ('--num_workers', '1')
+    job = slurm_job(tmp_path, data, out, 'job', workers)
     try:
         first_checkpoint(out)
-        os.kill(wait_for(lambda: main_py_with(job.proc.pid, 'SLURM_PROCID=1'), 'task 1'), signal.SIGTERM)
+        rank1 = wait_for(lambda: main_py_with(job.proc.pid, 'SLURM_PROCID=1'), 'task 1')
+        worker = wait_for(lambda: descendants(rank1), 'its DataLoader worker')
+        for pid in [rank1, *worker]:
+            os.kill(pid, signal.SIGTERM)
     finally:
         rc = job.wait()
     output = job.output()
@@ -216,7 +221,7 @@ def test_stop_signal_to_one_rank_then_the_requeued_job_resumes(data, two_nodes, 
         f'Stopped on a stop signal to another rank at epoch {epoch} after batch {done} of {STEPS}: '
         f'{out / "checkpoint.pth"} holds that step; continue with --auto-resume (or --resume {out / "checkpoint.pth"})']
     assert (tmp_path / 'scontrol').read_text() == f'requeue {job.job_id}\n'
-    requeued = slurm_job(tmp_path, data, out, 'requeued')
+    requeued = slurm_job(tmp_path, data, out, 'requeued', workers)
     assert requeued.wait() == 0, requeued.output()[-3000:]
     assert 'Traceback' not in requeued.output()
     assert f'Training for 2 epochs from epoch {epoch}, batch {done}' in requeued.output()
