@@ -852,7 +852,9 @@ def train(args, model, ckpt, loader_train, loader_val, n_val, nb_classes, device
           (f', batch {start.batch}' if start.batch else ''))
     start_time, log_stats = time.time(), {}
     for epoch in range(start.epoch, args.epochs):
-        first = min(start.batch, len(loader_train.sampler) // args.batch_size) if epoch == start.epoch else 0
+        first = 0  # the epoch's first batch; a mid-epoch resume starts later (at most at the epoch's end)
+        if epoch == start.epoch:
+            first = min(start.batch, len(loader_train.sampler.sampler) // args.batch_size)
         loader_train.sampler.set_epoch(epoch, skip=first * args.batch_size)
         schedule(scheduler, args, epoch)
         train_stats = train_one_epoch(

@@ -35,15 +35,8 @@ TIMEOUT = 300  # seconds any one launch may take on a busy 2-core machine
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     """An image folder of real photo crops (JPEG, 40 to 160 px a side): 3 classes of 8 train and 2 val images."""
-    from photos import photo_crops
-    root = tmp_path_factory.mktemp('photos')
-    crops = iter(photo_crops(30, min_side=40, max_side=160, seed=5))
-    for split, n in (('train', 8), ('val', 2)):
-        for k in range(3):
-            (root / split / f'class_{k}').mkdir(parents=True)
-            for i in range(n):
-                next(crops).save(root / split / f'class_{k}' / f'{i}.jpg', quality=90)
-    return root
+    from photos import photo_folder
+    return photo_folder(tmp_path_factory.mktemp('photos'), train=8, val=2, seed=5)
 
 
 def free_port(below: int = 65536) -> int:

@@ -223,15 +223,8 @@ def test_resume_is_exact(pretrain, tmp_path, epoch, batch):
 @pytest.fixture(scope='module')
 def photo_data(tmp_path_factory):
     """An image folder of real photo crops (JPEG, 40 to 160 px a side): 3 classes of 4 train and 2 val images."""
-    from photos import photo_crops
-    root = tmp_path_factory.mktemp('photos')
-    crops = iter(photo_crops(18, min_side=40, max_side=160, seed=3))
-    for split, n in (('train', 4), ('val', 2)):
-        for k in range(3):
-            (root / split / f'class_{k}').mkdir(parents=True)
-            for i in range(n):
-                next(crops).save(root / split / f'class_{k}' / f'{i}.jpg', quality=90)
-    return root
+    from photos import photo_folder
+    return photo_folder(tmp_path_factory.mktemp('photos'), train=4, val=2, seed=3)
 
 
 @pytest.mark.parametrize('pipeline', ['cpu', 'gpu'])
