@@ -123,7 +123,7 @@ def train_one_epoch(
     for i, (samples, targets) in enumerate(logger.log_every(data_loader, print_freq, header,
                                                            getattr(data_loader, 'batch_size', 0) or 0, start), start):
         if seed is not None:
-            seeding.seed_step(seed, epoch, rank, i)
+            seeding.seed_step(seed, epoch, rank, i, device.type)
         window_start = i - i % accum_iter
         window = min(accum_iter, n_steps - window_start)  # the epoch's last window may be short
         update = i == window_start + window - 1

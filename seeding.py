@@ -42,20 +42,22 @@ def seed_sequence(key: int, count: int) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def seed_globals(seed: int, cuda: bool = True) -> None:
-    """Seed Python's, numpy's and torch's global generators (with `cuda`, every CUDA device's too: a host-side
-    setting, no device sync)."""
+def seed_globals(seed: int, device_type: str = 'cpu') -> None:
+    """Seed Python's, numpy's and torch's global generators, and those of the training device's type
+    (CUDA: every device's; a host-side setting, no device sync). torch.manual_seed would do all at
+    once, but it asks every backend whether it is there, some 200 us a call on a CPU machine."""
     random.seed(seed)
     np.random.seed(seed & 0xFFFFFFFF)  # numpy's legacy seeding takes 32 bits
-    if cuda:
-        torch.manual_seed(seed)
-    else:
-        torch.default_generator.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+    if device_type == 'cuda':
+        torch.cuda.manual_seed_all(seed)
+    elif device_type == 'mps':
+        torch.mps.manual_seed(seed)
 
 
-def seed_step(seed: int, epoch: int, rank: int, batch: int) -> None:
+def seed_step(seed: int, epoch: int, rank: int, batch: int, device_type: str = 'cpu') -> None:
     """Before a training batch: the generators its mixup and drop-path draw from, seeded from where it is."""
-    seed_globals(derive_seed(seed, STEP, epoch, rank, batch))
+    seed_globals(derive_seed(seed, STEP, epoch, rank, batch), device_type)
 
 
 @contextlib.contextmanager
@@ -63,11 +65,11 @@ def sample_seeded(seed: int):
     """Seed the CPU generators for one sample's transform. In the main process (num_workers 0) their state
     is put back afterwards, so loading data leaves the training's generators alone; a worker needs no such care."""
     if torch.utils.data.get_worker_info() is not None:
-        seed_globals(seed, cuda=False)
+        seed_globals(seed)
         yield
         return
     saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    seed_globals(seed, cuda=False)
+    seed_globals(seed)
     try:
         yield
     finally:
