@@ -141,6 +141,7 @@ def test_checkpoints_every_n_optimizer_steps_and_stops_where_all_ranks_meet(stop
             os.kill(os.getpid(), signal.SIGTERM)  # the handler only takes note
         return F.cross_entropy(outputs, targets)
 
+    torch.manual_seed(0)
     model = nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     stats = train_one_epoch(model, criterion, batches(25), opt, torch.device('cpu'), 1,

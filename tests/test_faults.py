@@ -234,7 +234,8 @@ def test_a_rank_that_hangs_ends_the_others_within_the_collective_timeout(data, t
         os.kill(ranks[1].proc.pid, signal.SIGSTOP)
         assert ranks[0].wait() == 1
     finally:
-        ranks[1].close()
+        for rank in ranks:
+            rank.close()
     err = Path(f'{tmp_path / "rank0"}.err').read_text()
     assert err.startswith('error: rank 0 lost contact with the other processes (Timed out waiting') and \
         err.endswith('one of them died, hung for more than --dist-timeout 0.05 min, or lost its node\n'), err
