@@ -231,8 +231,9 @@ def loader_worker_init(worker_id: int) -> None:
     news worth a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # not ignored outright: the DataLoader (and multiprocessing, at exit) end workers with SIGTERM
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # in this thread, and the threads started from it
-    threading.Thread(target=_take_stop_signals_from, args=(os.getppid(),), daemon=True).start()
+    if hasattr(signal, 'sigwaitinfo'):  # Linux (SLURM's home); macOS has no sigwaitinfo
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # in this thread and the threads started from it
+        threading.Thread(target=_take_stop_signals_from, args=(os.getppid(),), daemon=True).start()
     lost = (ConnectionError, EOFError)
     thread_hook, hook = threading.excepthook, sys.excepthook  # multiprocessing's fd server reports via the latter
     threading.excepthook = lambda a: None if issubclass(a.exc_type, lost) else thread_hook(a)
