@@ -340,11 +340,13 @@ def test_convert_checkpoint_summary_and_prefixes(trained, tmp_path):
     ckpt = checkpoint.load_checkpoint(str(trained / 'checkpoint.pth'))
     ckpt['model'] = {f'module._orig_mod.{k}': v for k, v in ckpt['model'].items()}  # DDP + compile
     del ckpt['model_ema']
+    ckpt['batches_done'] = 3  # as a --save-interval checkpoint
     src = tmp_path / 'prefixed.pth'
     torch.save(ckpt, src)
     proc = run_inprocess(convert_checkpoint.main, src, '--summary')
     assert proc.returncode == 0, proc.stderr
-    for text in ('model:         vit5_tiny', 'epoch:         0', 'EMA weights:   no', 'args:', 'tensors'):
+    for text in ('model:         vit5_tiny', 'epoch:         0', 'mid-epoch:     3 batches of epoch 0 trained',
+                 'EMA weights:   no', 'args:', 'tensors'):
         assert text in proc.stdout
     assert not list(tmp_path.glob('*.safetensors'))  # --summary alone writes nothing
     assert run_inprocess(convert_checkpoint.main, src).returncode == 0  # default output name
