@@ -11,7 +11,8 @@ Two kinds of code draw during training, both from the global generators of Pytho
   numpy). `SeededSampler` pairs each index of an epoch's order with a seed made from (seed, epoch,
   rank, position in that order), and `SeededDataset` seeds the generators with it before the
   transform runs. The three copies of an image that repeated augmentation deals out sit at three
-  positions, so they still get three different augmentations.
+  positions, so they still get three different augmentations. A reader that orders its samples
+  itself (a shard stream) takes the same seeds from `sample_seeds` and draws inside `sample_seeded`.
 
 A run resumed at batch k of an epoch therefore skips the first k batches without loading them and
 draws exactly what the uninterrupted run drew from there on.
@@ -32,14 +33,20 @@ def derive_seed(*keys: int) -> int:
     return (int(high) << 32) | int(low)
 
 
-def seed_sequence(key: int, count: int) -> np.ndarray:
-    """`count` seeds (uint64) from one key: splitmix64's outputs 1..count, vectorised (a few ns each,
-    where a SeedSequence per sample would cost the main process some 20 us per image)."""
+def seed_sequence(key: int, start: int, count: int) -> np.ndarray:
+    """Seeds (uint64) number start .. start + count - 1 of the sequence `key` names: splitmix64's outputs,
+    vectorised (a few ns each, where a SeedSequence per sample would cost the main process some 20 us)."""
     with np.errstate(over='ignore'):  # the arithmetic is modulo 2**64 on purpose
-        x = np.uint64(key) + (np.arange(1, count + 1, dtype=np.uint64) * GOLDEN)
+        x = np.uint64(key) + (np.arange(start + 1, start + count + 1, dtype=np.uint64) * GOLDEN)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(31))
+
+
+def sample_seeds(seed: int, epoch: int, rank: int, start: int, count: int = 1) -> list:
+    """The seeds of positions start .. start + count - 1 in `rank`'s order of `epoch`: what SeededSampler pairs
+    those positions with, for readers that order samples themselves (a shard stream)."""
+    return seed_sequence(derive_seed(seed, SAMPLE, epoch, rank), start, count).tolist()
 
 
 def seed_globals(seed: int, device_type: str = 'cpu') -> None:
@@ -97,9 +104,8 @@ class SeededSampler(torch.utils.data.Sampler):
         self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        indices = list(self.sampler)
-        seeds = seed_sequence(derive_seed(self.seed, SAMPLE, self.epoch, self.rank), len(indices)).tolist()
-        return iter(list(zip(indices, seeds))[self.skip:])
+        indices = list(self.sampler)[self.skip:]
+        return iter(zip(indices, sample_seeds(self.seed, self.epoch, self.rank, self.skip, len(indices))))
 
     def __len__(self):
         return len(self.sampler) - self.skip

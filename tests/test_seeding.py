@@ -15,9 +15,10 @@ def test_derived_seeds_differ_in_every_key_and_repeat_exactly():
     seeds = [seeding.derive_seed(*k) for k in keys]
     assert len(set(seeds)) == len(seeds) and all(0 <= s < 2 ** 64 for s in seeds)
     assert seeds == [seeding.derive_seed(*k) for k in keys]
-    many = seeding.seed_sequence(seeds[0], 10_000)
+    many = seeding.seed_sequence(seeds[0], 0, 10_000)
     assert many.dtype == np.uint64 and len(np.unique(many)) == 10_000
-    assert np.array_equal(many[:10], seeding.seed_sequence(seeds[0], 10))  # a prefix does not depend on the count
+    assert np.array_equal(many[:10], seeding.seed_sequence(seeds[0], 0, 10))  # a prefix does not depend on the count
+    assert np.array_equal(many[4000:4010], seeding.seed_sequence(seeds[0], 4000, 10))  # nor a stretch on its start
 
 
 def draws():
@@ -45,6 +46,7 @@ def test_sampler_pairs_positions_with_seeds_and_a_resume_skips_to_the_same_pairs
     assert len(set(indices)) < len(indices)  # ... also where repeated augmentation deals an image twice
     sampler.set_epoch(3, skip=4)
     assert list(sampler) == full[4:] and len(sampler) == 11
+    assert seeding.sample_seeds(42, 3, 1, 6, 2) == list(seeds[6:8])  # the same seeds, for a reader that orders itself
     sampler.set_epoch(4)
     other = list(sampler)
     assert len(other) == 15 and not set(s for _, s in other) & set(seeds)  # another epoch, other draws
