@@ -210,6 +210,7 @@ def test_stop_signal_to_one_rank_then_the_requeued_job_resumes(data, two_nodes, 
     assert (tmp_path / 'job.srun').read_text() == 'task 0 exit 75\ntask 1 exit 75\n'  # rank 0 stopped too
     stopped = checkpoint.load_checkpoint(str(out / 'checkpoint.pth'))
     epoch, done = stopped['epoch'], stopped['batches_done']
+    assert epoch == 0 and 2 < done < STEPS  # mid-epoch, after the checkpoint the signal waited for
     assert [line for line in output.splitlines() if line.startswith('Stopped')] == [
         f'Stopped on a stop signal to another rank at epoch {epoch} after batch {done} of {STEPS}: '
         f'{out / "checkpoint.pth"} holds that step; continue with --auto-resume (or --resume {out / "checkpoint.pth"})']
