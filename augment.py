@@ -21,7 +21,7 @@ class RandomRadiusBlur:
     torchvision's GaussianBlur wants a fixed kernel size and blurs with a truncated kernel of
     that size; the recipe blurs with PIL's filter, whose extent follows the radius, so small
     and large radii both come out as released. The radius is drawn from torch's generator,
-    like every torchvision transform, so seeding torch (per DataLoader worker) fixes it.
+    like every torchvision transform, so seeding torch (per sample: seeding.SeededDataset) fixes it.
     """
 
     def __init__(self, radius_min: float = 0.1, radius_max: float = 2.0):

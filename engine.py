@@ -1,13 +1,16 @@
 """One training epoch and one evaluation pass. main.py builds everything they use."""
 import contextlib
-from typing import Iterable, Optional
+import math
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import unwrap_model
 
-from utils import MetricLogger, RunningLoss, SmoothedValue, all_reduce_sum, is_log_step, sync_allowed
+import seeding
+from utils import (MetricLogger, RunningLoss, SmoothedValue, all_reduce_sum, get_rank, is_log_step, stop_requested,
+                   sync_allowed)
 
 PRINT_FREQ = 10
 
@@ -98,6 +101,11 @@ def train_one_epoch(
         cosub: bool = False,
         set_training_mode: bool = True,
         print_freq: int = PRINT_FREQ,
+        seed: Optional[int] = None,
+        start: int = 0,
+        progress: Optional[dict] = None,
+        save_interval: int = 0,
+        save: Optional[Callable[[int, dict], None]] = None,
 ) -> dict:
     """Train for one pass over `data_loader`; returns the epoch averages {'loss', 'lr'}.
 
@@ -108,26 +116,52 @@ def train_one_epoch(
     every `print_freq` steps and at the last: there the losses are averaged over ranks, and a
     non-finite loss on any rank since the previous read raises NonFiniteLossError on all ranks
     (naming the step where it appeared), before anything of the epoch is saved.
+
+    Exact resume: with `seed`, each batch's random draws (mixup, drop path) come from generators
+    seeded by (seed, epoch, rank, batch index). A resumed epoch passes the batches from `start` on
+    and the `progress` its checkpoint saved (this rank's running loss and the log meters).
+    `save(batches_done, progress)` is called on every rank after every `save_interval`-th optimizer
+    step of the run (counted from its first epoch; not at an epoch's last, which main.py saves).
+
+    Stops: a rank that received a stop signal says so in the collective of the next progress line;
+    every rank then finishes that optimizer step, calls `save` and returns {'stopped_at': batches done}.
     """
     model.train(set_training_mode)
     logger = MetricLogger(device)
     logger.add_meter('lr', SmoothedValue(window=1, fmt='{value:.6f}'))
     logger.add_meter('loss', SmoothedValue(window=1, fmt='{value:.4f} ({global_avg:.4f})'))  # last interval (epoch)
     losses = RunningLoss(device)
+    if progress is not None:
+        losses.load_state_dict(progress['loss'])
+        for name, meter in progress['meters'].items():
+            logger.meters[name].load_state_dict(meter)
     step = TrainStep(model, criterion, optimizer, scaler, device, amp_dtype, max_norm, model_ema, mixup_fn, cosub)
-    n_steps = len(data_loader)
+    n_steps = start + len(data_loader)
+    steps_before = epoch * math.ceil(n_steps / accum_iter)  # optimizer steps of the run's earlier epochs
+    rank, stop_at = get_rank(), None
     clear_grads(optimizer)
     header = f'Epoch: [{epoch}]'
     for i, (samples, targets) in enumerate(logger.log_every(data_loader, print_freq, header,
-                                                           getattr(data_loader, 'batch_size', 0) or 0)):
+                                                           getattr(data_loader, 'batch_size', 0) or 0, start), start):
+        if seed is not None:
+            seeding.seed_step(seed, epoch, rank, i, device.type)
         window_start = i - i % accum_iter
         window = min(accum_iter, n_steps - window_start)  # the epoch's last window may be short
-        loss = step(samples.to(device, non_blocking=True), targets.to(device, non_blocking=True),
-                    window, update=i == window_start + window - 1)
+        update = i == window_start + window - 1
+        loss = step(samples.to(device, non_blocking=True), targets.to(device, non_blocking=True), window, update)
         losses.add(loss, i)
         if is_log_step(i, n_steps, print_freq):  # the loop's one host read
-            logger.meters['loss'].update(*losses.read(f'epoch {epoch}'))
+            logger.meters['loss'].update(*losses.read(f'epoch {epoch}', stop=stop_requested() is not None))
             logger.update(lr=max(g['lr'] for g in optimizer.param_groups))
+            if losses.stopping and stop_at is None:
+                stop_at = window_start + window - 1  # the end of this optimizer step, alike on every rank
+        if not update:
+            continue
+        interval_due = save_interval and (steps_before + i // accum_iter + 1) % save_interval == 0
+        if save is not None and (i == stop_at or (interval_due and i < n_steps - 1)):
+            save(i + 1, dict(loss=losses.state_dict(), meters={k: m.state_dict() for k, m in logger.meters.items()}))
+        if i == stop_at:
+            return {'stopped_at': i + 1}
     print('Averaged stats:', logger)
     return {name: meter.global_avg for name, meter in logger.meters.items()}
 

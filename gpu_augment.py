@@ -2,7 +2,7 @@
 
 The work is split where it is cheapest. DataLoader workers decode with PIL (any format, CMYK and
 grayscale JPEGs included, exactly as the CPU path reads them), draw each image's random
-parameters from their seeded torch generator in the order the CPU path draws them, cut the random
+parameters from torch's generator, seeded for that sample, in the order the CPU path draws them, cut the random
 crop out at source resolution and ship its uint8 pixels with one row of parameters; a batch
 travels as the crops' pixel rows stacked (each row padded to the widest crop only). The device
 then, for the whole batch at once:
@@ -93,8 +93,8 @@ def _new_params():
 class ThreeAugmentDraw:
     """Worker half of the ThreeAugment recipe: PIL RGB image -> (crop pixels (h, w, 3) uint8, params (NUM_PARAMS,)).
 
-    Draws from torch's global generator (seeded per DataLoader worker, restored on resume), in the
-    CPU path's order: crop box (torchvision's own RandomResizedCrop.get_params, so the same area
+    Draws from torch's global generator (seeded per sample by seeding.SeededDataset, from the seed, the
+    epoch and the sample's position in the epoch's order), in the CPU path's order: crop box (torchvision's own RandomResizedCrop.get_params, so the same area
     and ratio law and the centre-crop fallback after 10 failed tries), flip, one of three ops, the
     blur radius when blurring, then ColorJitter.get_params. The one-of choice uses torch's
     generator where torchvision's RandomChoice uses Python's: the same uniform law.

@@ -6,14 +6,18 @@
     python main.py --eval --eval-set v2 --finetune vit5_small.in1k --data-path DIR   # also real, a, r, sketch
 
 Errors in the inputs (data, checkpoints, settings) end the run with a one-line message and exit
-code 2; a loss that stops being finite ends every rank with exit code 1.
+code 2; a loss that stops being finite, or a rank that died or hung, ends the others with exit code 1;
+SIGTERM or SIGUSR1 ends training after checkpointing the step every rank agreed on, with exit code 75
+(EXIT_STOPPED); Ctrl-C ends it with exit code 130.
 """
 import argparse
 import datetime
+import functools
 import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Optional
@@ -26,6 +30,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, ParseKwargs
 
+import checkpoint
 import eval_sets
 import gpu_augment
 import models_vit5
@@ -34,13 +39,15 @@ from datasets import DataError, build_dataset, build_transform
 from engine import evaluate, train_one_epoch
 from losses import build_criterion
 from samplers import RASampler
-from utils import CheckpointError, ConfigError, NonFiniteLossError
+from seeding import SeededDataset, SeededSampler
+from utils import CheckpointError, ConfigError, NonFiniteLossError, Stopped
 
 AMP_DTYPES = dict(bfloat16=torch.bfloat16, float16=torch.float16, float32=torch.float32)
 SCHEDULES = ('cosine', 'tanh', 'step', 'poly', 'plateau', 'constant')
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')  # the compile modes that replay CUDA graphs
 FUSED_OPTS = ('adam', 'adamw', 'sgd', 'momentum')  # timm names of torch optimizers with a fused kernel
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal, checkpoint written, run again to continue
 
 
 class Parser(argparse.ArgumentParser):
@@ -236,7 +243,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--resume', default='', metavar='CKPT',
                    help='checkpoint to continue from (or, with --eval, to evaluate); its model settings are used '
                         'unless --model / --model-kwargs / --input-size / --nb-classes are given')
-    g.add_argument('--auto-resume', action='store_true', help='resume from OUTPUT_DIR/checkpoint.pth if there')
+    g.add_argument('--auto-resume', action='store_true',
+                   help='resume from OUTPUT_DIR/checkpoint.pth if there (or from previous_checkpoint.pth when '
+                        'that one cannot be read)')
+    g.add_argument('--save-interval', type=NONNEG_INT, default=0, metavar='N',
+                   help='also write OUTPUT_DIR/checkpoint.pth every N optimizer steps (0: at epoch ends only); '
+                        'a resume from it continues at that exact step')
     g.add_argument('--start_epoch', type=NONNEG_INT, default=0, metavar='N', help='first epoch (a resume sets it)')
     g.add_argument('--eval', action='store_true', help='evaluate only')
     g.add_argument('--dist-eval', action=bool_flag, default=True,
@@ -248,9 +260,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--dist_url', default='env://', help='process group rendezvous (env:// reads torchrun / SLURM)')
     g.add_argument('--dist-timeout', type=number(float, 0, low_open=True), default=utils.DIST_TIMEOUT_MINUTES,
                    metavar='MINUTES',
-                   help="how long a collective (NCCL or gloo) may wait for the other ranks before the run fails; "
-                        "longer than PyTorch's 10 minutes because ranks legitimately wait on rank 0's checkpoint "
-                        "writes and on uneven compile times (max-autotune)")
+                   help="how long a collective (NCCL or gloo) may wait for the other ranks; a rank that died or hung "
+                        "ends the others with a one-line error after this long. Longer than PyTorch's 10 minutes "
+                        "because ranks legitimately wait on rank 0's checkpoint writes and on uneven compile times "
+                        "(max-autotune)")
     g.add_argument('--tf32', action=bool_flag, default=False,
                    help='TF32 tensor cores for float32 matmuls (CUDA; cuDNN uses them for convolutions by '
                         'default; under bf16 autocast little runs in float32)')
@@ -298,6 +311,8 @@ def check_args(args) -> None:
         raise ConfigError('--resplit only acts on augmentation splits, which this recipe does not use')
     if args.auto_resume and not args.output_dir:
         raise ConfigError('--auto-resume needs --output_dir')
+    if args.save_interval and not args.output_dir:
+        raise ConfigError(f'--save-interval {args.save_interval} needs --output_dir, where the checkpoints go')
     if args.eval and not (args.resume or args.finetune or args.auto_resume):
         raise ConfigError('--eval needs weights to evaluate: --resume CKPT (a training checkpoint or a released '
                           'file) or --finetune CKPT|TAG (e.g. vit5_small.in1k); without them it would score '
@@ -362,7 +377,10 @@ def build_loaders(args, device):
     """(train loader or None under --eval, val loader, number of val images, number of classes).
 
     With the gpu pipeline the workers ship cropped uint8 pixels and a DeviceLoader finishes each
-    batch on `device`; either way the loaders yield (images, targets) ready for the model.
+    batch on `device`; either way the loaders yield (images, targets) ready for the model. Each training
+    image's augmentation draws from generators seeded by (seed, epoch, rank, position in the epoch's
+    order) (seeding.SeededSampler), so neither the worker count nor a resume changes them; the
+    DataLoaders' own seed draws come from a generator of theirs, not from the training's.
     """
     world, rank = utils.get_world_size(), utils.get_rank()
     pin = args.pin_mem and device.type == 'cuda'
@@ -372,7 +390,8 @@ def build_loaders(args, device):
     def make_loader(dataset, **kw):
         loader = torch.utils.data.DataLoader(dataset, num_workers=args.num_workers, pin_memory=pin,
                                              collate_fn=gpu_augment.collate if gpu else None,
-                                             worker_init_fn=utils.loader_worker_init, **kw)
+                                             worker_init_fn=utils.loader_worker_init,
+                                             generator=torch.Generator().manual_seed(args.seed), **kw)
         if not gpu:
             return loader
         augment = gpu_augment.DeviceAugment(args.input_size, compile=args.compile or bool(args.compile_mode))
@@ -396,7 +415,7 @@ def build_loaders(args, device):
         return None, loader_val, len(dataset_val), nb_classes
 
     dataset_train, nb_classes = dataset(True)
-    if args.data_set == 'WDS':  # the stream orders itself: every sample once per epoch, equal steps per rank
+    if args.data_set == 'WDS':  # the stream orders and seeds itself: every sample once per epoch, equal steps per rank
         dataset_train = dataset_train.train_stream(args.batch_size, args.num_workers, world, rank, args.seed,
                                                    repeats=3 if args.repeated_aug else 1, buffer=args.shuffle_buffer)
         sampler, per_process = None, dataset_train.per_rank
@@ -407,6 +426,7 @@ def build_loaders(args, device):
             sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world, rank=rank,
                                                           shuffle=True, seed=args.seed)
         per_process = len(sampler)
+        dataset_train, sampler = SeededDataset(dataset_train), SeededSampler(sampler, args.seed, rank)
     loader_train = make_loader(dataset_train, sampler=sampler, batch_size=args.batch_size, drop_last=True)
     if len(loader_train) == 0:
         raise ConfigError(f'{args.data_path}: {per_process} training images per process make no full batch '
@@ -433,9 +453,20 @@ def build_mixup(args, nb_classes) -> Optional[Mixup]:
                  label_smoothing=args.smoothing, num_classes=nb_classes)
 
 
-def set_epoch(loader, epoch: int) -> None:
-    """The epoch's sample order: from the sampler, or from the shard stream, which orders itself."""
-    (loader.dataset if hasattr(loader.dataset, 'set_epoch') else loader.sampler).set_epoch(epoch)
+def epoch_batches(loader) -> int:
+    """The training batches of a whole epoch (the loader's length, unless a resume started it later)."""
+    if hasattr(loader.dataset, 'set_epoch'):  # a shard stream
+        return loader.dataset.batches
+    return len(loader.sampler.sampler) // loader.batch_size
+
+
+def set_epoch(loader, epoch: int, start_batch: int = 0) -> None:
+    """The epoch's sample order from its batch `start_batch` on (a mid-epoch resume skips the batches before
+    without loading them): from the sampler, or from the shard stream, which orders itself."""
+    if hasattr(loader.dataset, 'set_epoch'):
+        loader.dataset.set_epoch(epoch, start_batch=start_batch)
+    else:
+        loader.sampler.set_epoch(epoch, skip=start_batch * loader.batch_size)
 
 
 # ---- model and weights -----------------------------------------------------------------------------
@@ -546,7 +577,7 @@ def build_teacher(args, nb_classes: int, device) -> Optional[nn.Module]:
     if not timm.is_model(args.teacher_model):
         raise ConfigError(f'--teacher-model {args.teacher_model!r} is not a timm model')
     teacher = timm.create_model(args.teacher_model, num_classes=nb_classes)
-    ckpt = utils.load_checkpoint(args.teacher_path)
+    ckpt = checkpoint.load_checkpoint(args.teacher_path)
     state = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     mismatch = weight_mismatch(teacher.state_dict(), state)
@@ -655,12 +686,6 @@ def schedule(scheduler, args, epoch: int, metric: Optional[float] = None) -> Non
         scheduler.step(epoch + 1, metric)
 
 
-def scheduler_state(scheduler):
-    """What a checkpoint stores of the schedule. timm's plateau schedule keeps its patience counters
-    in the torch ReduceLROnPlateau inside it and saves only part of them, so that one is stored."""
-    return getattr(scheduler, 'lr_scheduler', scheduler)
-
-
 # ---- the training model: kernels, DDP, compile, EMA -----------------------------------------------
 def apply_speed_settings(args) -> None:
     """Process-wide kernel choices. --tf32: TF32 tensor cores for float32 matmuls (cuDNN already
@@ -742,57 +767,6 @@ def build_ema(args, model: nn.Module):
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
-def checkpoint_state(args, epoch, model, model_ema, optimizer, scheduler, scaler, max_accuracy) -> dict:
-    """Everything a resume needs; collective (gathers every rank's RNG state), so call it on all ranks."""
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                 lr_scheduler=scheduler_state(scheduler).state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                 args=args, max_accuracy=max_accuracy, rng=utils.all_gather_object(utils.get_rng_state()))
-    if model_ema is not None:
-        state['model_ema'] = model_ema.module.state_dict()
-    return state
-
-
-def resume_training(args, ckpt, model, model_ema, optimizer, scheduler, scaler):
-    """Restore a run from a checkpoint; returns (start epoch, best top-1 so far)."""
-    path = args.resume
-    for key in ('optimizer', 'lr_scheduler', 'epoch'):
-        if key not in ckpt:
-            raise CheckpointError(f'{path} has no {key!r} to resume from (use --finetune to start from its weights)')
-    try:
-        optimizer.load_state_dict(ckpt['optimizer'])
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f'{path}: optimizer state does not fit this run ({err})') from None
-    scheduler_state(scheduler).load_state_dict(ckpt['lr_scheduler'])
-    if ckpt.get('scaler'):
-        scaler.load_state_dict(ckpt['scaler'])
-    if model_ema is not None:
-        if isinstance(ckpt.get('model_ema'), dict):
-            load_weights(model_ema.module, {'model': ckpt['model_ema']}, path, use_ema=False, finetune=False)
-        else:
-            print(f'{path} has no EMA weights: the EMA restarts from the model')
-            model_ema.set(model)
-    rng, world = ckpt.get('rng'), utils.get_world_size()
-    if isinstance(rng, list) and len(rng) == world:
-        utils.set_rng_state(rng[utils.get_rank()])
-    elif isinstance(rng, list):
-        print(world_change_note(args, ckpt, path, saved_world=len(rng)))
-    else:
-        print(f'{path} has no RNG state: random streams start afresh from --seed + rank')
-    return ckpt['epoch'] + 1, ckpt.get('max_accuracy')
-
-
-def world_change_note(args, ckpt, path: str, saved_world: int) -> str:
-    """Resuming with another number of processes continues the run: the one line saying what that means."""
-    world = utils.get_world_size()
-    saved = ckpt.get('args')
-    batch = args.batch_size * args.accum_iter * world
-    saved_batch = getattr(saved, 'batch_size', 0) * getattr(saved, 'accum_iter', 1) * saved_world
-    change = f' (global batch {saved_batch} -> {batch})' if saved_batch and saved_batch != batch else ''
-    return (f'Resuming {path}, saved by {saved_world} process(es), in {world}: random streams start afresh from '
-            f'--seed + rank, the sampler deals the data over {world} process(es), and the lr schedule continues '
-            f'as saved{change}')
-
-
 def check_finite_weights(*models) -> None:
     """Before a save: one host read per model (weights stay identical across ranks under DDP)."""
     if not all(utils.all_finite(m.state_dict().values()) for m in models if m is not None):
@@ -861,11 +835,14 @@ def set_cpu_threads(num_workers: int) -> None:
 def start(args) -> Optional[dict]:
     """Seeds the run; returns the checkpoint to resume (or evaluate) from, or None. The model settings
     of that checkpoint, or of a --finetune tag, are taken for the flags the user did not give."""
-    utils.seed_everything(args.seed + utils.get_rank())
-    if args.auto_resume and os.path.isfile(os.path.join(args.output_dir, 'checkpoint.pth')):
-        args.resume = os.path.join(args.output_dir, 'checkpoint.pth')
+    utils.seed_everything(args.seed + utils.get_rank())  # the initial weights (DDP then copies rank 0's)
+    ckpt = None
+    found = checkpoint.newest_checkpoint(os.path.join(args.output_dir, 'checkpoint.pth')) if args.auto_resume else None
+    if found is not None:
+        args.resume, ckpt = found
         print(f'Auto-resuming from {args.resume}')
-    ckpt = utils.load_checkpoint(args.resume) if args.resume else None
+    elif args.resume:
+        ckpt = checkpoint.load_checkpoint(args.resume)
     if ckpt is not None:
         take_model_settings(args, ckpt, args.resume)
     elif args.finetune:
@@ -935,7 +912,7 @@ def nothing_left_to_train(args, ckpt: dict) -> bool:
     """True when the checkpoint already holds the run's last epoch. --auto-resume (a requeued job) then
     ends quietly; an explicit --resume is an error, since the user expected training to happen."""
     last = ckpt.get('epoch')
-    if not isinstance(last, int) or last + 1 < args.epochs:
+    if not isinstance(last, int) or last + 1 < args.epochs or ckpt.get('batches_done') is not None:
         return False
     message = (f'nothing left to train: {args.resume} already finished epoch {last}, the last of --epochs '
                f'{args.epochs}')
@@ -962,7 +939,7 @@ def prepare_model(args, nb_classes: int, device, ckpt: Optional[dict]):
         load_weights(model, ckpt, args.resume, use_ema=args.eval and args.load_ema, finetune=False)
     elif args.finetune:
         path = finetune_file(args.finetune)
-        load_weights(model, utils.load_checkpoint(path), args.finetune, args.load_ema, finetune=True)
+        load_weights(model, checkpoint.load_checkpoint(path), args.finetune, args.load_ema, finetune=True)
     print(f'{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters')
     return model.to(device)
 
@@ -995,25 +972,44 @@ def train(args, model, ckpt, loader_train, loader_val, n_val, nb_classes, device
     criterion = build_criterion(mixup_fn is not None, args.smoothing, args.bce_loss, args.cosub,
                                 build_teacher(args, nb_classes, device), args.distillation_type,
                                 args.distillation_alpha, args.distillation_tau)
-    max_accuracy = None
-    if ckpt is not None:  # last: restores the RNG streams after everything above drew from them
-        args.start_epoch, max_accuracy = resume_training(args, ckpt, model, model_ema, optimizer, scheduler, scaler)
+    start = checkpoint.ResumePoint(args.start_epoch)
+    if ckpt is not None:
+        start = checkpoint.resume_training(args, ckpt, args.resume, model, model_ema, optimizer, scheduler, scaler)
+    args.start_epoch, max_accuracy = start.epoch, start.max_accuracy
     run_logger = start_wandb(args) if args.if_wandb and utils.is_main_process() else None
     out = args.output_dir
+    last = os.path.join(out, 'checkpoint.pth') if out else ''
     if out:
         write_json(os.path.join(out, 'args.json'), vars(args))
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ema_module = model_ema.module if model_ema is not None else None
 
-    print(f'Training for {args.epochs} epochs from epoch {args.start_epoch}')
+    def save(epoch: int, batches_done: Optional[int] = None, progress: Optional[dict] = None) -> dict:
+        """checkpoint.pth (the one before kept as previous_checkpoint.pth) at an epoch's end or mid-epoch."""
+        check_finite_weights(model, ema_module)
+        state = checkpoint.training_state(args, epoch, model, model_ema, optimizer, scheduler, scaler, max_accuracy,
+                                          batches_done, progress)
+        checkpoint.save_checkpoint(state, last, keep_previous=True)
+        return state
+
+    print(f'Training for {args.epochs} epochs from epoch {start.epoch}' +
+          (f', batch {start.batch}' if start.batch else ''))
     start_time, log_stats = time.time(), {}
-    for epoch in range(args.start_epoch, args.epochs):
-        set_epoch(loader_train, epoch)
+    for epoch in range(start.epoch, args.epochs):
+        first = 0  # the epoch's first batch; a mid-epoch resume starts later (at most at the epoch's end)
+        if epoch == start.epoch:
+            first = min(start.batch, epoch_batches(loader_train))
+        set_epoch(loader_train, epoch, first)
         schedule(scheduler, args, epoch)
         train_stats = train_one_epoch(
             train_model, criterion, loader_train, optimizer, device, epoch, scaler, amp_dtype,
             max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, accum_iter=args.accum_iter,
-            cosub=args.cosub, set_training_mode=args.train_mode)
-        check_finite_weights(model, model_ema.module if model_ema is not None else None)
+            cosub=args.cosub, set_training_mode=args.train_mode, seed=args.seed, start=first,
+            progress=start.progress if epoch == start.epoch else None, save_interval=args.save_interval,
+            save=functools.partial(save, epoch) if out else None)
+        if 'stopped_at' in train_stats:
+            raise Stopped(stop_note(epoch, train_stats['stopped_at'], first + len(loader_train), last))
+        check_finite_weights(model, ema_module)
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
                      **evaluate_epoch(args, loader_val, n_val, model, model_ema, device, amp_dtype),
                      'epoch': epoch, 'n_parameters': n_parameters}
@@ -1022,10 +1018,9 @@ def train(args, model, ckpt, loader_train, loader_val, n_val, nb_classes, device
         max_accuracy = log_stats['test_acc1'] if is_best else max_accuracy
         print(f'Max accuracy: {max_accuracy:.2f}%')
         if out:
-            state = checkpoint_state(args, epoch, model, model_ema, optimizer, scheduler, scaler, max_accuracy)
-            utils.save_checkpoint(state, os.path.join(out, 'checkpoint.pth'))
+            state = save(epoch)
             if is_best:
-                utils.save_checkpoint(state, os.path.join(out, 'best_checkpoint.pth'))
+                checkpoint.save_checkpoint(state, os.path.join(out, 'best_checkpoint.pth'))
             write_json(os.path.join(out, 'log.txt'), log_stats, mode='a')
         if run_logger is not None:
             run_logger.log(log_stats, step=epoch)
@@ -1033,6 +1028,16 @@ def train(args, model, ckpt, loader_train, loader_val, n_val, nb_classes, device
         run_logger.finish()
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     return log_stats
+
+
+def stop_note(epoch: int, batches_done: int, n_batches: int, path: str) -> str:
+    """The one line a run stopped by a signal ends with."""
+    received = utils.stop_requested()
+    why = f'on {received}' if received else 'on a stop signal to another rank'
+    where = f'epoch {epoch} after batch {batches_done} of {n_batches}'
+    if not path:
+        return f'Stopped {why} at {where}; nothing was saved (no --output_dir)'
+    return f'Stopped {why} at {where}: {path} holds that step; continue with --auto-resume (or --resume {path})'
 
 
 def one_line(err: Exception) -> str:
@@ -1048,8 +1053,16 @@ def one_line(err: Exception) -> str:
 def interrupted_note(args) -> str:
     last = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
     if last and os.path.isfile(last):
-        return f'interrupted; {last} holds the last finished epoch (continue with --resume {last})'
+        what = 'the last saved step' if args.save_interval else 'the last finished epoch'
+        return f'interrupted; {last} holds {what} (continue with --resume {last})'
     return 'interrupted; nothing was saved'
+
+
+def lost_contact_note(args, err: BaseException) -> str:
+    """One line for a collective that failed because another rank died, hung or lost its node."""
+    detail = re.sub(r'^\[[^\]]*\]\s*', '', one_line(err)).split('. ')[0][:160]  # without gloo's source location
+    return (f'error: rank {args.rank} lost contact with the other processes ({detail}): one of them died, hung for '
+            f'more than --dist-timeout {args.dist_timeout:g} min, or lost its node')
 
 
 def cli(argv=None) -> int:
@@ -1059,6 +1072,8 @@ def cli(argv=None) -> int:
 def guarded(args, body=None) -> int:
     """main(args, body) as a command: the exit code, and a user's mistake as one line on stderr."""
     utils.handle_ctrl_c()
+    if not args.eval:
+        utils.handle_stop_signals()
     try:
         main(args, body)
     except (DataError, CheckpointError, ConfigError) as err:
@@ -1067,13 +1082,20 @@ def guarded(args, body=None) -> int:
     except NonFiniteLossError as err:
         sys.stderr.write(f'error: {one_line(err)}\n')
         return 1
-    except BaseException:
-        if not utils.interrupted():
-            raise
-        # Ctrl-C (whatever it broke on the way out): checkpoints are written atomically, the last is whole
+    except Stopped as stop:
         if getattr(args, 'rank', 0) == 0:
-            sys.stderr.write(interrupted_note(args) + '\n')
-        return 130
+            sys.stderr.write(f'{stop}\n')
+        return EXIT_STOPPED
+    except BaseException as err:
+        if utils.interrupted():
+            # Ctrl-C (whatever it broke on the way out): checkpoints are written atomically, the last is whole
+            if getattr(args, 'rank', 0) == 0:
+                sys.stderr.write(interrupted_note(args) + '\n')
+            return 130
+        if getattr(args, 'distributed', False) and utils.lost_contact(err):
+            sys.stderr.write(lost_contact_note(args, err) + '\n')
+            return 1
+        raise
     return 0
 
 

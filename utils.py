@@ -1,22 +1,17 @@
-"""Run-level helpers: distributed setup, progress logging, RNG state, checkpoint files.
+"""Run-level helpers: distributed setup, signals, progress logging, the run folder.
 
-Nothing here knows about the model or the data; main.py and engine.py import from it, and so
-do the scripts (`load_checkpoint`).
+Nothing here knows about the model or the data; main.py, engine.py and checkpoint.py import from it.
 """
-import argparse
 import builtins
 import contextlib
 import datetime
 import math
 import os
-import pickle
 import random
-import re
 import signal
 import sys
 import threading
 import time
-import warnings
 from collections import defaultdict, deque
 
 import numpy as np
@@ -35,6 +30,10 @@ class ConfigError(ValueError):
 
 class NonFiniteLossError(FloatingPointError):
     """The loss (or the weights) stopped being finite on at least one rank."""
+
+
+class Stopped(Exception):
+    """A stop signal (SIGTERM, SIGUSR1) ended training at a step boundary, after its checkpoint was written."""
 
 
 # ---- distributed -------------------------------------------------------------------------------------
@@ -114,11 +113,33 @@ def init_distributed(args, device_type: str) -> None:
         torch.cuda.set_device(args.local_rank)
         bind = dict(device_id=torch.device('cuda', args.local_rank))
     backend = 'nccl' if device_type == 'cuda' else 'gloo'
+    refuse_stale_store_restarts()
     dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
                             timeout=dist_timeout(args), **bind)
     dist.barrier(device_ids=[args.local_rank] if device_type == 'cuda' else None)
     quiet_non_main_ranks(args.rank == 0)
     print(f'Distributed: {args.world_size} process(es), {backend} backend')
+
+
+def refuse_stale_store_restarts() -> None:
+    """torchrun --max-restarts with the store its agent shares with the workers cannot restart: that store
+    outlives the failed group, so the restarted group's gloo or NCCL rendezvous reads the dead processes'
+    addresses ('Gloo connectFullMesh failed ... Connection refused'; pytorch/pytorch#135712, #167288).
+    With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and c10d rendezvous (--standalone, or --rdzv-backend c10d)
+    each round gets a fresh store; the static rendezvous (torchrun's default without those) always shares."""
+    env = os.environ
+    if env.get('TORCHELASTIC_USE_AGENT_STORE') == 'True' and int(env.get('TORCHELASTIC_MAX_RESTARTS', 0)) > 0:
+        raise ConfigError('torchrun --max-restarts cannot restart this group: its workers share the agent\'s store, '
+                          'where a restarted group finds the failed one\'s addresses; set '
+                          'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and launch with --standalone (one node) or '
+                          '--rdzv-backend c10d --rdzv-endpoint HOST:PORT (the scripts/ launchers do both)')
+
+
+def lost_contact(err: BaseException) -> bool:
+    """True for the errors a collective raises when another rank died, hung past --dist-timeout or lost its
+    node: torch's DistError family, and gloo's plain RuntimeErrors (their text names gloo's sources)."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and (
+        '/gloo/' in str(err) or 'NCCL' in str(err)))
 
 
 def quiet_non_main_ranks(is_main: bool) -> None:
@@ -155,8 +176,10 @@ def all_gather_object(obj) -> list:
     return out
 
 
-# ---- Ctrl-C -------------------------------------------------------------------------------------------
+# ---- signals: Ctrl-C, and the stop signals of clusters --------------------------------------------------
 _interrupted = False
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's preemption / time limit (--signal), Kubernetes eviction
+_stop_signal = None  # the name of the first stop signal received
 
 
 def handle_ctrl_c() -> None:
@@ -193,17 +216,50 @@ def check_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+def handle_stop_signals() -> None:
+    """SIGTERM and SIGUSR1 ask training to stop: the handler only notes the signal. The training loop
+    reads the note where the ranks meet anyway (engine: the loss read at each progress line), all ranks
+    agree to stop at the end of that optimizer step, write its checkpoint and leave (main.py)."""
+    main_pid = os.getpid()
+
+    def on_stop(signum, frame):
+        global _stop_signal
+        if os.getpid() == main_pid and _stop_signal is None:
+            _stop_signal = signal.Signals(signum).name
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_stop)
+
+
+def stop_requested():
+    """The name of the stop signal this process received ('SIGTERM', 'SIGUSR1'), or None."""
+    return _stop_signal
+
+
 def loader_worker_init(worker_id: int) -> None:
-    """DataLoader worker_init_fn: a terminal's Ctrl-C reaches the whole process group, but only the
-    main process should act on it (it stops the workers); a worker that died of it would print its
-    own traceback and leave the main process waiting for its batch. The worker's helper threads talk
-    to the main process only (they hand it the batches' shared memory); when it stops, their connection
-    drops mid-transfer, which is no news worth a traceback."""
+    """DataLoader worker_init_fn: a terminal's Ctrl-C reaches the whole process group, and SLURM sends
+    its stop signals to every process of a job step, but only the main process should act on them (it
+    stops the workers); a worker that died of one would print its own traceback and leave the main
+    process waiting for its batch. The worker's helper threads talk to the main process only (they hand
+    it the batches' shared memory); when it stops, their connection drops mid-transfer, which is no
+    news worth a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # not ignored outright: the DataLoader (and multiprocessing, at exit) end workers with SIGTERM
+    if hasattr(signal, 'sigwaitinfo'):  # Linux (SLURM's home); macOS has no sigwaitinfo
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # in this thread and the threads started from it
+        threading.Thread(target=_take_stop_signals_from, args=(os.getppid(),), daemon=True).start()
     lost = (ConnectionError, EOFError)
     thread_hook, hook = threading.excepthook, sys.excepthook  # multiprocessing's fd server reports via the latter
     threading.excepthook = lambda a: None if issubclass(a.exc_type, lost) else thread_hook(a)
     sys.excepthook = lambda kind, value, tb: None if issubclass(kind, lost) else hook(kind, value, tb)
+
+
+def _take_stop_signals_from(parent: int) -> None:
+    """A DataLoader worker's stop signals: from the main process (the DataLoader ending its workers) they
+    end the worker at once; from anyone else (SLURM signalling the whole job step) they are dropped."""
+    while True:
+        if signal.sigwaitinfo(set(STOP_SIGNALS)).si_pid == parent:
+            os._exit(0)
 
 
 # ---- CPU threads -------------------------------------------------------------------------------------
@@ -252,16 +308,20 @@ class RunningLoss:
     loss, every rank raises NonFiniteLossError there, naming the first such step: ranks stop
     together, before anything of the epoch is saved. The steps between that loss and the read have
     run (their updates may have made the weights non-finite); main.py never saves them.
+
+    The same collective carries each rank's stop request (`read(stop=True)` on a rank that received a
+    stop signal); afterwards `stopping` says, alike on every rank, whether any rank asked.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         dtype = torch.float32 if device.type == 'mps' else torch.float64  # MPS has no float64
-        # [loss sum, first non-finite step], built on the device (no host-to-device copy)
-        self.state = torch.zeros(2, dtype=dtype, device=device)
+        # [loss sum, first non-finite step, stop requested], built on the device (no host-to-device copy)
+        self.state = torch.zeros(3, dtype=dtype, device=device)
         self.state[1].fill_(math.inf)
         self.steps = 0  # on this rank; every rank runs the same number (drop_last, equal shards)
         self.read_sum, self.read_steps = 0.0, 0  # all ranks, as of the previous read
+        self.stopping = False
 
     def add(self, loss: torch.Tensor, step: int) -> None:
         loss = loss.detach().reshape(()).to(self.state.dtype)
@@ -269,24 +329,39 @@ class RunningLoss:
         self.state[1].clamp_(max=torch.where(torch.isfinite(loss), math.inf, step))
         self.steps += 1
 
-    def read(self, where: str) -> tuple:
+    def read(self, where: str, stop: bool = False) -> tuple:
         """(mean loss since the previous read, the number of losses it averages), over all ranks."""
+        if stop:
+            self.state[2].fill_(1)  # a kernel with a host scalar: no sync
         with sync_allowed(self.device):
             parts = [self.state]
             if is_dist():
                 parts = [torch.empty_like(self.state) for _ in range(get_world_size())]
                 dist.all_gather(parts, self.state)
-            per_rank = torch.stack(parts).tolist()  # [[loss sum, first bad step], ...] per rank
-        first_bad = min(bad for _, bad in per_rank)
+            per_rank = torch.stack(parts).tolist()  # [[loss sum, first bad step, stop], ...] per rank
+        self.stopping = any(row[2] for row in per_rank)
+        first_bad = min(row[1] for row in per_rank)
         if math.isfinite(first_bad):
-            ranks = ', '.join(str(r) for r, (_, bad) in enumerate(per_rank) if bad == first_bad)
+            ranks = ', '.join(str(r) for r, row in enumerate(per_rank) if row[1] == first_bad)
             raise NonFiniteLossError(
                 f'loss is non-finite at {where}, step {int(first_bad)} (rank {ranks}); training stopped on '
                 f'every rank at step {self.steps - 1}, nothing saved for this epoch')
-        total, steps = sum(s for s, _ in per_rank), self.steps * len(per_rank)
+        total, steps = sum(row[0] for row in per_rank), self.steps * len(per_rank)
         new_sum, new_steps = total - self.read_sum, steps - self.read_steps
         self.read_sum, self.read_steps = total, steps
         return new_sum / max(new_steps, 1), new_steps
+
+    def state_dict(self) -> dict:
+        """This rank's numbers so far (one host read), for a mid-epoch checkpoint."""
+        with sync_allowed(self.device):
+            loss_sum, first_bad, _ = self.state.tolist()
+        return dict(sum=loss_sum, first_bad=first_bad, steps=self.steps, read_sum=self.read_sum,
+                    read_steps=self.read_steps)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state[0].fill_(state['sum'])
+        self.state[1].fill_(state['first_bad'])
+        self.steps, self.read_sum, self.read_steps = state['steps'], state['read_sum'], state['read_steps']
 
 
 def all_finite(tensors) -> bool:
@@ -295,39 +370,14 @@ def all_finite(tensors) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-# ---- RNG state (exact resume) ------------------------------------------------------------------------
+# ---- seeding ------------------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
 
 
-def get_rng_state() -> dict:
-    """Every global generator a training epoch draws from, as tensors and plain Python values only.
-
-    numpy's key array is stored as a tensor so the checkpoint loads with weights_only=True.
-    """
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(
-        python=random.getstate(),
-        numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
-                   has_gauss=int(has_gauss), gauss=float(gauss)),
-        torch=torch.get_rng_state(),
-        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    )
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    n = state['numpy']
-    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
-    torch.set_rng_state(state['torch'])
-    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-# ---- run folder and checkpoint files -------------------------------------------------------------------
+# ---- the run folder ----------------------------------------------------------------------------------
 RUN_FILES = ('args.json', 'log.txt')  # what a run writes beside its checkpoints
 
 
@@ -361,65 +411,6 @@ def output_folder(path: str, keep_if: str):
                 with contextlib.suppress(OSError):  # not empty: something else wrote there, keep it
                     os.rmdir(folder)
         raise
-
-
-def save_checkpoint(state: dict, path: str) -> None:
-    """The one way this code writes a checkpoint: rank 0 only, atomically.
-
-    The file is written beside its target and renamed over it, so a crash mid-write leaves the
-    previous checkpoint whole and at most a stray `.tmp` file.
-    """
-    if not is_main_process():
-        return
-    tmp = f'{path}.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-# Files needing any global beyond these are refused: unpickling them could run code.
-SAFE_GLOBALS = [argparse.Namespace]
-
-
-def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint dict on the CPU without executing anything stored in it.
-
-    torch.load(weights_only=True) accepts tensors, plain containers and argparse.Namespace (the
-    released files pickle one). Raises CheckpointError, naming the file, for a missing, empty,
-    truncated or foreign file, and for one that would need other Python objects to load.
-    """
-    if os.path.isdir(path):
-        inside = os.path.join(path, 'checkpoint.pth')
-        hint = f'; did you mean {inside}?' if os.path.isfile(inside) else ''
-        raise CheckpointError(f'checkpoint {path} is a folder, not a checkpoint file{hint}')
-    if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint {path} does not exist')
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
-            warnings.simplefilter('ignore', UserWarning)  # pickle-protocol chatter from the safe unpickler
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r'GLOBAL (\S+)', str(err))
-        if found:
-            raise CheckpointError(
-                f'refusing {path}: loading it needs the Python object {found.group(1)}, which could run code; '
-                f'only tensors, plain containers and argparse.Namespace are loaded (it was not unpickled)') from None
-        raise CheckpointError(f'{path} is not a PyTorch checkpoint this code can read safely') from None
-    except EOFError:
-        raise CheckpointError(f'{path} is empty or truncated') from None
-    except (RuntimeError, OSError, KeyError, ValueError, IndexError, TypeError) as err:
-        # the zip reader says 'failed finding central directory' for a cut-off file
-        detail = str(err).split('.')[0][:120]
-        raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint ({detail})') from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict')
-    return ckpt
 
 
 # ---- progress logging --------------------------------------------------------------------------------
@@ -459,6 +450,14 @@ class SmoothedValue:
         return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
                                max=self.max, value=self.value)
 
+    def state_dict(self) -> dict:
+        return dict(window=list(self.window), total=self.total, count=self.count)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window.clear()
+        self.window.extend(state['window'])
+        self.total, self.count = state['total'], state['count']
+
 
 def max_memory_mb(device: torch.device) -> float:
     """Peak memory so far: allocated on the GPU, or the process's peak resident set on the CPU."""
@@ -485,14 +484,15 @@ class MetricLogger:
     def __str__(self):
         return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
 
-    def log_every(self, iterable, print_freq: int, header: str = '', batch_size: int = 0):
+    def log_every(self, iterable, print_freq: int, header: str = '', batch_size: int = 0, first: int = 0):
         """Yield from `iterable`, printing every `print_freq` steps and at the last one:
-        eta, the meters, img/s (per process, when batch_size is given), step and data time, peak memory."""
-        n = len(iterable)
+        eta, the meters, img/s (per process, when batch_size is given), step and data time, peak memory.
+        `first`: the step `iterable` starts at (a resumed epoch's batches after the ones it skipped)."""
+        n = first + len(iterable)
         step_time, data_time = SmoothedValue(fmt='{avg:.4f}'), SmoothedValue(fmt='{avg:.4f}')
         width = len(str(n))
         start = end = time.time()
-        for i, obj in enumerate(iterable):
+        for i, obj in enumerate(iterable, first):
             check_interrupted()
             data_time.update(time.time() - end)
             yield obj
@@ -507,4 +507,4 @@ class MetricLogger:
                 print(self.delimiter.join(p for p in parts if p))
             end = time.time()
         total = time.time() - start
-        print(f'{header} Total time: {datetime.timedelta(seconds=int(total))} ({total / max(n, 1):.4f} s / it)')
+        print(f'{header} Total time: {datetime.timedelta(seconds=int(total))} ({total / max(n - first, 1):.4f} s / it)')

@@ -53,7 +53,6 @@ says, a sample without an image or without .cls, a .cls that is no class index o
 an image PIL cannot read. Skipping a sample instead would leave one process a sample short, and
 its last batch, or DDP's lockstep, would break.
 """
-import contextlib
 import io
 import itertools
 import json
@@ -63,7 +62,6 @@ import tarfile
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-import numpy as np
 import torch
 import webdataset as wds
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -71,6 +69,7 @@ from webdataset.gopen import set_options
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from datasets import DataError, load_image
+import seeding
 from samplers import samples_per_rank
 
 SPLIT_NAMES = {True: ('train',), False: ('validation', 'val')}  # the Hub's names first
@@ -237,23 +236,6 @@ def decode(sample: dict, nb_classes: int, image_loader=load_image):
     return image_loader(io.BytesIO(sample[ext]), f'{where(sample)}.{ext}'), label
 
 
-@contextlib.contextmanager
-def seeded(key: str, restore: bool):
-    """Python's, numpy's and torch's generators seeded from the string `key` inside (the augmentations
-    draw from them); with `restore` their states are put back after, for a process that also trains."""
-    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if restore else None
-    random.seed(key)  # a str seeds through SHA-512: the same on every machine and Python hash seed
-    np.random.seed(random.getrandbits(32))
-    torch.default_generator.manual_seed(random.getrandbits(63))
-    try:
-        yield
-    finally:
-        if saved is not None:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
-
-
 # ---- the epoch's plan -----------------------------------------------------------------------------
 def worker_counts(count: int, batch: int, workers: int) -> List[int]:
     """Samples of each loader worker when `count` samples in batches of `batch` (the last may be short)
@@ -377,13 +359,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         for source in dict.fromkeys(sources):
             copies = [c for c, s in enumerate(sources) if s == source]
             readers.update(zip(copies, itertools.tee(self._stream(source, role, order), len(copies))))
-        restore = info is None  # this process also draws for training (mixup, dropout)
         for t in range(self.counts[role]):
             copy = t % self.repeats
             raw = next(readers[copy])
             if t < skip:
                 continue
             img, label = decode(raw, self.shards.nb_classes, self.image_loader)
-            with seeded(f'{self.seed}:{self.epoch}:{self.name_of[raw["__url__"]]}:{raw["__key__"]}:{copy}', restore):
+            # in this process (no workers) sample_seeded puts the training's generators back afterwards
+            with seeding.sample_seeded(seeding.name_seed(self.seed, self.epoch, self.name_of[raw['__url__']],
+                                                         raw['__key__'], copy)):
                 sample = self.shards.transform(img)
             yield sample, label

@@ -49,10 +49,10 @@ def read_checkpoint(path: str) -> dict:
             return {'model': load_file(str(p)), 'meta': meta}
         except (SafetensorError, OSError) as e:
             fail(f'cannot read {path}: {e}')
-    import utils
+    import checkpoint
     try:
-        ckpt = utils.load_checkpoint(str(p))
-    except utils.CheckpointError as e:
+        ckpt = checkpoint.load_checkpoint(str(p))
+    except checkpoint.CheckpointError as e:
         fail(str(e))
     if not isinstance(ckpt, dict):
         fail(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict or state dict')

@@ -66,6 +66,8 @@ def summarise(path: str, ckpt: dict):
         value = ckpt.get(key, meta.get(key, getattr(args, key, None)))
         if value is not None:
             lines.append(f'{label + ":":15s}{value}')
+    if ckpt.get('batches_done') is not None:  # written mid-epoch (--save-interval, a stop signal)
+        lines.append(f'mid-epoch:     {ckpt["batches_done"]} batches of epoch {ckpt.get("epoch")} trained')
     n, params = count(weights)
     lines.append(f'weights:       {n} tensors, {params:,} parameters')
     if isinstance(ckpt.get('model_ema'), dict):

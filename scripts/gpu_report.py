@@ -164,7 +164,7 @@ def released_layout(report, img: int):
     model = report.model('vit5_small', img)
     if report.args.checkpoint:
         import models_vit5
-        from utils import load_checkpoint
+        from checkpoint import load_checkpoint
         model.load_state_dict(models_vit5.checkpoint_filter_fn(load_checkpoint(report.args.checkpoint), model))
     else:
         with torch.no_grad():

@@ -27,16 +27,21 @@ usage() {
   --node-rank R        this node's rank, default 0                     (env NODE_RANK)
   --master-addr HOST   rank-0 node's address, needed with --nnodes > 1 (env MASTER_ADDR)
   --master-port PORT   rendezvous port, default 29500                  (env MASTER_PORT)
+  --max-restarts N     restart the whole group up to N times when a process fails,
+                       default 0; add '-- --auto-resume' to continue from the newest
+                       checkpoint (with --save-interval, mid-epoch)       (env MAX_RESTARTS)
   --dry-run            print the command without running it            (env DRY_RUN=1)
   -h, --help           this help
 
 Flags after -- are appended to main.py's (a later flag overrides an earlier one).
-Run it on every node with its own --node-rank. Set TORCHRUN to use another launcher binary.
+Run it on every node with its own --node-rank (node 0 hosts the rendezvous). Set TORCHRUN to use
+another launcher command (e.g. TORCHRUN='python -m torch.distributed.run'). SIGTERM or SIGUSR1 to torchrun reaches every process: they checkpoint the
+step they agree on and exit with code 75.
 EOF
 }
 
 SIZE=""
-GPUS=${GPUS:-8} NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} DRY_RUN=${DRY_RUN:-0}
+GPUS=${GPUS:-8} NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} DRY_RUN=${DRY_RUN:-0} MAX_RESTARTS=${MAX_RESTARTS:-0}
 DATA_PATH=${DATA_PATH:-} OUTPUT_DIR=${OUTPUT_DIR:-} CKPT=${CKPT:-}
 MASTER_ADDR=${MASTER_ADDR:-} MASTER_PORT=${MASTER_PORT:-29500}
 EXTRA=()
@@ -54,6 +59,7 @@ while [ $# -gt 0 ]; do
     --node-rank) value "$@"; NODE_RANK=$2; shift ;;
     --master-addr) value "$@"; MASTER_ADDR=$2; shift ;;
     --master-port) value "$@"; MASTER_PORT=$2; shift ;;
+    --max-restarts) value "$@"; MAX_RESTARTS=$2; shift ;;
     --dry-run) DRY_RUN=1 ;;
     --) shift; EXTRA=("$@"); break ;;
     -*) fail "unknown option $1 (see --help; main.py flags go after --)" ;;
@@ -72,22 +78,37 @@ esac
 for var in GPUS NNODES; do
   [[ ${!var} =~ ^[1-9][0-9]*$ ]] || fail "$var must be a positive integer, got '${!var}'"
 done
+[[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || fail "MAX_RESTARTS must be a whole number, got '$MAX_RESTARTS'"
 [[ $NODE_RANK =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$NNODES" ] \
   || fail "NODE_RANK must be in 0..$((NNODES - 1)), got '$NODE_RANK'"
 [ "$NNODES" = 1 ] || [ -n "$MASTER_ADDR" ] || fail "--nnodes $NNODES needs --master-addr (rank 0's host)"
 OUTPUT_DIR=${OUTPUT_DIR:-output/vit5_${SIZE}_$(basename "$0" _vit5.sh)}
 
 # Print the command (copy-pasteable), then run it from the repository root unless DRY_RUN=1.
+# Several nodes meet through c10d rendezvous hosted by node 0 (the static one cannot restart a group);
+# restarts on one node use torchrun's --standalone c10d rendezvous on a free port.
 launch() {
-  local cmd=("${TORCHRUN:-torchrun}" --nproc_per_node "$GPUS")
+  local cmd
+  read -ra cmd <<< "${TORCHRUN:-torchrun}"  # a command of several words, e.g. 'python -m torch.distributed.run'
+  cmd+=(--nproc_per_node "$GPUS")
   if [ "$NNODES" != 1 ]; then
-    cmd+=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+    cmd+=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id vit5
+          --rdzv-conf "is_host=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)")
+  elif [ "$MAX_RESTARTS" != 0 ]; then
+    cmd+=(--standalone)
   elif [ "$MASTER_PORT" != 29500 ]; then
     cmd+=(--master_port "$MASTER_PORT")
   fi
+  [ "$MAX_RESTARTS" = 0 ] || cmd+=(--max-restarts "$MAX_RESTARTS")
   cmd+=(main.py "${RECIPE[@]}" "${EXTRA[@]}")
   printf '%q ' "${cmd[@]}"
   echo
   [ "$DRY_RUN" = 1 ] && return 0
+  # for torchrun: a restarted group gets a store of its own (sharing the agent's, it would find the failed
+  # group's addresses there: pytorch/pytorch#135712); SLURM's SIGUSR1 is passed on to the workers like
+  # SIGTERM; and they get 100 s to write the checkpoint of the step they stop at before a SIGKILL
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+  export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
   cd "$(dirname "$0")/.." && exec "${cmd[@]}"
 }

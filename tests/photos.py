@@ -30,6 +30,19 @@ def photo_crops(n, min_side=32, max_side=427, seed=0):
     return [photo_crop(photos, rng, min_side, max_side + 1) for _ in range(n)]
 
 
+def photo_folder(root, train: int, val: int, classes: int = 3, seed: int = 0):
+    """root/{train,val}/class_k/i.jpg: JPEG photo crops (quality 90) of 40 to 160 px a side, `train` and `val`
+    images per class; root."""
+    crops = iter(photo_crops(classes * (train + val), min_side=40, max_side=160, seed=seed))
+    for split, n in (('train', train), ('val', val)):
+        for k in range(classes):
+            folder = Path(root) / split / f'class_{k}'
+            folder.mkdir(parents=True)
+            for i in range(n):
+                next(crops).save(folder / f'{i}.jpg', quality=90)
+    return root
+
+
 # sizes at the extremes: single pixels, single rows and columns, a whole photo
 EXTREME_SIZES = [(1, 1), (1, 300), (300, 1), (2, 3), (7, 400), (640, 427)]
 

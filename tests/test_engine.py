@@ -114,6 +114,48 @@ def test_nonfinite_loss_stops_at_the_next_log_step():
     assert len(calls) == 21
 
 
+@pytest.fixture
+def stop_signals():
+    """main.py's SIGTERM / SIGUSR1 handling in this process for the test, then Python's defaults again."""
+    import signal
+    import utils
+    saved = {sig: signal.getsignal(sig) for sig in utils.STOP_SIGNALS}
+    utils.handle_stop_signals()
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        utils._stop_signal = None
+
+
+def test_checkpoints_every_n_optimizer_steps_and_stops_where_all_ranks_meet(stop_signals):
+    """save(batches done, progress) after every 3rd optimizer step of the run (epoch 1 goes on counting from
+    epoch 0's 13 steps), never the epoch's last. SIGTERM during batch 12 is seen at the progress line of batch
+    20; the epoch ends with that optimizer step (batches 20 and 21), saved."""
+    import os
+    import signal
+    calls, saves = [], []
+
+    def criterion(inputs, outputs, targets):
+        calls.append(1)
+        if len(calls) == 13:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only takes note
+        return F.cross_entropy(outputs, targets)
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = train_one_epoch(model, criterion, batches(25), opt, torch.device('cpu'), 1,
+                            torch.amp.GradScaler('cpu', enabled=False), accum_iter=2, print_freq=10,
+                            save_interval=3, save=lambda done, progress: saves.append((done, progress)))
+    assert stats == {'stopped_at': 22} and len(calls) == 22
+    assert [done for done, _ in saves] == [4, 10, 16, 22]
+    progress = saves[-1][1]
+    assert progress['loss']['steps'] == 22 and progress['loss']['read_steps'] == 21  # read at batch 20
+    assert progress['meters']['loss']['count'] == 21 and progress['meters']['lr']['window'] == [0.1]
+
+
 def test_returns_epoch_averages_of_loss_and_lr():
     losses = []
     criterion = lambda inputs, outputs, targets: losses.append(F.cross_entropy(outputs, targets)) or losses[-1]  # noqa: E731

@@ -21,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
 
 import eval_sets
 import main
-import utils
+import checkpoint
 from tinyrun import REPO, TORCHRUN, one_thread, run_cli, run_main
 
 sys.path.insert(0, str(REPO / 'scripts'))
@@ -134,7 +134,7 @@ def eval_argv(ckpt, name, root, *extra):
 
 def test_the_coded_model_says_the_class_painted_on_each_image(sets):
     model = timm.create_model('vit5_tiny', num_classes=1000, img_size=32, **MODEL_KWARGS)
-    model.load_state_dict(utils.load_checkpoint(sets.ckpt)['model'])
+    model.load_state_dict(checkpoint.load_checkpoint(sets.ckpt)['model'])
     images = torch.stack([(torch.tensor(colour(c)) / 255 - torch.tensor(IMAGENET_DEFAULT_MEAN))
                           / torch.tensor(IMAGENET_DEFAULT_STD) for c in CODES])[:, :, None, None].expand(-1, -1, 32, 32)
     predicted = model.eval()(images).argmax(-1).tolist()

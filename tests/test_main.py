@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import main
 import utils
 from tinyrun import (REPO, TINY, make_image_folder, one_thread, parse, read_log, resume_and_compare, run_cli,
@@ -150,9 +151,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def pretrain(data, tmp_path_factory):
-    """3 epochs of the released pretraining flags."""
+    """3 epochs of the released pretraining flags (4 steps each), a checkpoint every 3 optimizer steps."""
     out = tmp_path_factory.mktemp('pretrain')
-    argv = TINY + ['--data-path', data, '--output_dir', out] + PRETRAIN_TINY
+    argv = TINY + ['--data-path', data, '--output_dir', out] + PRETRAIN_TINY + ['--save-interval', 3]
     return types.SimpleNamespace(out=out, argv=argv, stdout=run_keeping_checkpoints(argv))
 
 
@@ -169,9 +170,9 @@ def test_pretraining_flags_end_to_end(pretrain):
     assert 'Accuracy of the network on the 9 test images' in out
     progress = [line for line in out.splitlines() if line.startswith('Epoch: [0] [')]
     assert progress and all(k in progress[0] for k in ('eta:', 'lr:', 'loss:', 'img/s:', 'data:', 'max mem:'))
-    ckpt = utils.load_checkpoint(str(pretrain.out / 'checkpoint.pth'))
-    assert {'model', 'model_ema', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'args', 'max_accuracy',
-            'rng'} <= set(ckpt)
+    ckpt = checkpoint.load_checkpoint(str(pretrain.out / 'checkpoint.pth'))
+    assert {'model', 'model_ema', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'batches_done', 'world_size',
+            'args', 'max_accuracy'} == set(ckpt) and ckpt['batches_done'] is None
     assert isinstance(ckpt['args'], argparse.Namespace) and ckpt['epoch'] == 2
     assert ckpt['max_accuracy'] == max(e['test_acc1'] for e in log)
     # epoch e trained at the scheduler's value for e: the warmup lr in epoch 0 only
@@ -179,30 +180,73 @@ def test_pretraining_flags_end_to_end(pretrain):
     assert log[1]['train_lr'] == pytest.approx(1e-5 + 0.5 * (4e-3 - 1e-5) * (1 + math.cos(math.pi / 3)))
 
 
-@pytest.mark.parametrize('stopped_after', [0, 1])
-def test_resume_is_exact(pretrain, tmp_path, stopped_after):
-    """Stopped after an epoch, resumed with the same command: bit-identical model and EMA at the end."""
-    resume_and_compare(pretrain.argv, pretrain.out, stopped_after, tmp_path)
+@pytest.mark.parametrize('epoch, batch', [(0, None), (1, None), (1, 2)])
+def test_resume_is_exact(pretrain, tmp_path, epoch, batch):
+    """Stopped after an epoch, or after batch 2 of epoch 1 (--save-interval 3: the 6th optimizer step),
+    resumed with the same command: bit-identical model and EMA at the end, the same log lines."""
+    assert sorted(p.name for p in pretrain.out.glob('checkpoint.pth.*')) == [
+        'checkpoint.pth.epoch0', 'checkpoint.pth.epoch0.batch3', 'checkpoint.pth.epoch1',
+        'checkpoint.pth.epoch1.batch2', 'checkpoint.pth.epoch2', 'checkpoint.pth.epoch2.batch1']
+    resume_and_compare(pretrain.argv, pretrain.out, epoch, tmp_path, batch)
 
 
-def test_resume_is_exact_with_loader_workers(data, tmp_path):
-    """Augmentation in DataLoader workers: their seeds come from the restored RNG too."""
+@pytest.fixture(scope='module')
+def photo_data(tmp_path_factory):
+    """An image folder of real photo crops (JPEG, 40 to 160 px a side): 3 classes of 4 train and 2 val images."""
+    from photos import photo_folder
+    return photo_folder(tmp_path_factory.mktemp('photos'), train=4, val=2, seed=3)
+
+
+@pytest.mark.parametrize('pipeline', ['cpu', 'gpu'])
+def test_mid_epoch_resume_is_exact_whatever_the_workers(photo_data, tmp_path, pipeline, monkeypatch):
+    """--save-interval, both data pipelines, on photos: resumed after batch 3 of epoch 0 with a DataLoader
+    worker where the first run had none, the run ends bit-identical to the uninterrupted one. Each image's
+    draws (crop, flip, one-of, jitter; the gpu pipeline's parameters) come from its seed and position in the
+    epoch, whichever process decodes it; the batch's mixup and drop path from (seed, epoch, batch)."""
+    # one compute thread in both runs: main.py otherwise gives compute the cores the workers leave, and
+    # another thread count sums in another order
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
     out = tmp_path / 'run'
-    argv = TINY + ['--data-path', data, '--output_dir', out, '--epochs', 2, '--num_workers', 1,
-                   '--ThreeAugment', '--bce-loss', '--smoothing', 0, '--model-ema-decay', 0.9]
+    argv = TINY + ['--data-path', photo_data, '--output_dir', out] + PRETRAIN_TINY + [
+        '--epochs', 1, '--save-interval', 3, '--data-pipeline', pipeline, '--input-size', 48]  # resized, not CIFAR-padded
     run_keeping_checkpoints(argv)
-    resume_and_compare(argv, out, 0, tmp_path)
+    resume_and_compare(argv + ['--num_workers', 1], out, 0, tmp_path, batch=3)
 
 
-@pytest.mark.parametrize('workers', [0, 1])
-def test_resume_is_exact_with_the_device_pipeline(data, tmp_path, workers):
-    """--data-pipeline gpu (on the CPU here): crops and parameters drawn in the workers (or this
-    process) from the restored RNG, the rest computed on the device from them."""
-    out = tmp_path / 'run'
-    argv = TINY + ['--data-path', data, '--output_dir', out] + PRETRAIN_TINY + [
-        '--num_workers', workers, '--data-pipeline', 'gpu']
-    run_keeping_checkpoints(argv)
-    resume_and_compare(argv, out, 1, tmp_path)
+def test_auto_resume_falls_back_from_a_truncated_checkpoint(pretrain, tmp_path, capsys):
+    """The newest checkpoint cut short (a full disk, a node lost before the file system caught up): the
+    command says so in one line, resumes from the one before it and ends bit-identical to the full run."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    shutil.copy(pretrain.out / 'checkpoint.pth.epoch1', run / 'previous_checkpoint.pth')
+    raw = (pretrain.out / 'checkpoint.pth.epoch1.batch2').read_bytes()
+    (run / 'checkpoint.pth').write_bytes(raw[:len(raw) * 2 // 3])
+    argv = [a if a != pretrain.out else run for a in pretrain.argv] + ['--auto-resume']
+    capsys.readouterr()
+    with one_thread():
+        assert main.cli([str(a) for a in argv]) == 0
+    out, err = capsys.readouterr()
+    assert 'Traceback' not in out + err and err == ''
+    newest, previous = run / 'checkpoint.pth', run / 'previous_checkpoint.pth'
+    assert [line for line in out.splitlines() if 'esuming' in line] == [
+        f'{newest} is truncated or not a PyTorch checkpoint (PytorchStreamReader failed reading zip archive: '
+        f'failed finding central directory): resuming from the one before, {previous}',
+        f'Auto-resuming from {previous}'], out
+    full, resumed = (checkpoint.load_checkpoint(str(d / 'checkpoint.pth')) for d in (pretrain.out, run))
+    for key in ('model', 'model_ema'):
+        assert all(torch.equal(t, resumed[key][name]) for name, t in full[key].items()), key
+    assert read_log(run) == read_log(pretrain.out)[2:]
+
+
+def test_mid_epoch_checkpoint_with_another_batch_size_continues_after_as_many_images(pretrain, tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    shutil.copy(pretrain.out / 'checkpoint.pth.epoch1.batch2', run / 'checkpoint.pth')
+    argv = [a if a != pretrain.out else run for a in pretrain.argv]
+    _, out = run_main(argv + ['--resume', run / 'checkpoint.pth', '--batch', 4, '--epochs', 2])
+    assert (f'{run / "checkpoint.pth"} stopped at batch 2 of epoch 1 with 1 process(es) x batch 8; with 1 x 4 the '
+            f'epoch continues at batch 4, after as many images') in out
+    assert 'Training for 2 epochs from epoch 1, batch 4' in out and [e['epoch'] for e in read_log(run)] == [1]
 
 
 def test_auto_resume_picks_up_output_checkpoint(pretrain, tmp_path):
@@ -240,8 +284,8 @@ def test_finetune_at_another_size_from_ema(pretrain, data, tmp_path):
     summary = [line for line in out.splitlines() if line.startswith('Fine-tuning from')]
     assert summary == [f'Fine-tuning from {ckpt} (EMA weights): loaded 36 of 38 tensors; pos_embed resampled '
                        f'2x2 -> 3x3; dropped head.weight, head.bias (3 classes in the file, 5 in the model)']
-    src = utils.load_checkpoint(ckpt)['model_ema']
-    tuned = utils.load_checkpoint(str(tmp_path / 'ft' / 'checkpoint.pth'))
+    src = checkpoint.load_checkpoint(ckpt)['model_ema']
+    tuned = checkpoint.load_checkpoint(str(tmp_path / 'ft' / 'checkpoint.pth'))
     assert tuned['model']['pos_embed'].shape == (1, 9, 48) and src['pos_embed'].shape == (1, 4, 48)
     assert tuned['model']['head.weight'].shape == (5, 48)
     assert len(read_log(tmp_path / 'ft')) == 1
@@ -338,7 +382,7 @@ class Payload:
 
 
 def test_checkpoint_carrying_code_is_refused_unexecuted(data, tiny_ckpt, tmp_path, capsys):
-    ckpt = utils.load_checkpoint(tiny_ckpt)
+    ckpt = checkpoint.load_checkpoint(tiny_ckpt)
     ckpt['extra'] = Payload(tmp_path / 'ran')
     torch.save(ckpt, tmp_path / 'evil.pth')
     for flag in ('--resume', '--finetune'):
@@ -357,6 +401,7 @@ def test_settings_that_cannot_work_together(data, capsys):
     assert '--smoothing 0' in cli_error(TINY + ['--data-path', data, '--bce-loss'], capsys)
     assert 'even' in cli_error(TINY + ['--data-path', data, '--batch', 7], capsys)
     assert 'launcher' in cli_error(TINY + ['--data-path', data, '--distributed'], capsys)
+    assert '--save-interval 5 needs --output_dir' in cli_error(TINY + ['--data-path', data, '--save-interval', 5], capsys)
     if importlib.util.find_spec('flash_attn') is None:
         assert 'flash-attn' in cli_error(TINY + ['--data-path', data, '--flash'], capsys)
 
@@ -499,7 +544,7 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_the_last_checkpoint(data, tmp_pat
     assert proc.returncode == 130
     assert (tmp_path / 'stderr').read_text() == (f'interrupted; {ckpt} holds the last finished epoch (continue with '
                                                  f'--resume {ckpt})\n')
-    assert utils.load_checkpoint(str(ckpt))['epoch'] >= 0
+    assert checkpoint.load_checkpoint(str(ckpt))['epoch'] >= 0
     assert not [p.name for p in out.iterdir() if p.name.endswith('.tmp')]
 
 
@@ -596,9 +641,9 @@ def test_plateau_schedule_decays_after_patience_and_resumes():
 
     opt, sched = fresh()
     assert epochs(opt, sched, [50.0, 50.0]) == [1e-3, 1e-3]
-    state = (opt.state_dict(), main.scheduler_state(sched).state_dict())
+    state = (opt.state_dict(), checkpoint.scheduler_state(sched).state_dict())
     assert epochs(opt, sched, [50.0, 50.0]) == [1e-3, 5e-4]  # two epochs without gain, patience 1
     opt2, sched2 = fresh()  # resumed after epoch 1: the patience counter comes back too
     opt2.load_state_dict(state[0])
-    main.scheduler_state(sched2).load_state_dict(state[1])
+    checkpoint.scheduler_state(sched2).load_state_dict(state[1])
     assert epochs(opt2, sched2, [50.0, 50.0], start=2) == [1e-3, 5e-4]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import main
-import utils
+import checkpoint
 from tinyrun import REPO, TINY, read_log, resume_and_compare, run_keeping_checkpoints, run_main
 
 sys.path.insert(0, str(REPO / 'scripts'))
@@ -214,7 +214,7 @@ def test_ema_through_main_is_the_formula_over_every_step(fp16_run):
         return ema
 
     for epoch, batches in ((0, 6), (1, 12)):
-        ckpt = utils.load_checkpoint(str(fp16_run.out / f'checkpoint.pth.epoch{epoch}'))
+        ckpt = checkpoint.load_checkpoint(str(fp16_run.out / f'checkpoint.pth.epoch{epoch}'))
         steps = steps_taken(ckpt, batches)
         assert len(states) >= 1 + steps
         for k, expected in ema_after(steps).items():
@@ -236,6 +236,6 @@ def test_cpu_ema_is_evaluated_every_epoch(fp16_run, photos):
 def test_float16_run_resumes_exactly_with_its_scaler_state(fp16_run, tmp_path):
     """Stopped after epoch 0 and resumed: weights, EMA, optimizer and the scaler's state (scale and growth
     count) end equal to the uninterrupted run's."""
-    scaler = utils.load_checkpoint(str(fp16_run.out / 'checkpoint.pth'))['scaler']
+    scaler = checkpoint.load_checkpoint(str(fp16_run.out / 'checkpoint.pth'))['scaler']
     assert scaler['_growth_tracker'] > 0  # the count of steps since the last skip: a resume must carry it on
     resume_and_compare(fp16_run.argv, fp16_run.out, 0, tmp_path)

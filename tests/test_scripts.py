@@ -14,7 +14,8 @@ from tinyrun import REPO, run_cli
 SCRIPTS = REPO / 'scripts'
 sys.path.insert(0, str(SCRIPTS))
 from prepare_digits import split_indices, to_image  # noqa: E402
-PY_SCRIPTS = ['plot_log.py', 'visualize_attention.py', 'convert_checkpoint.py', 'prepare_digits.py']
+PY_SCRIPTS = ['plot_log.py', 'visualize_attention.py', 'convert_checkpoint.py', 'prepare_digits.py',
+              'benchmark_checkpoint.py']
 LAUNCHERS = ['pretrain_vit5.sh', 'finetune_vit5.sh', 'eval_vit5.sh']
 TINY_KWARGS = dict(patch_size=8, depth=2, embed_dim=64, num_heads=2)  # 4x4 patches + cls + 4 registers
 
@@ -58,6 +59,8 @@ def test_launcher_help(name):
     ('convert_checkpoint.py', ['missing.pth', '--out', 'x.bin']),
     ('prepare_digits.py', ['--out', 'x', '--val-fraction', '1.5']),
     ('prepare_digits.py', []),
+    ('benchmark_checkpoint.py', ['--models', 'vit5_tiny', '--step-ms', '1', '2']),
+    ('benchmark_checkpoint.py', ['--dir', 'no/such/folder']),
 ])
 def test_python_script_bad_arguments(name, args):
     assert_one_line_error(run_script(name, *args))
@@ -66,6 +69,7 @@ def test_python_script_bad_arguments(name, args):
 @pytest.mark.parametrize('args', [
     [], ['huge', '--data-path', 'd'], ['small'], ['small', '--data-path', 'd', '--gpus', 'x'],
     ['small', '--data-path', 'd', '--nnodes', '2'], ['small', '--data-path', 'd', '--bogus'],
+    ['small', '--data-path', 'd', '--max-restarts', '-1'],
 ])
 def test_launcher_bad_arguments(args):
     assert_one_line_error(run_sh('pretrain_vit5.sh', *args))
@@ -122,15 +126,83 @@ def test_finetune_dry_run_prints_released_flags(size, drop_path):
 def test_eval_and_multi_node_dry_run():
     cmd = dry_run('eval_vit5.sh', 'base', '--ckpt', 'w.pth', '--data-path', 'IMNET', '--gpus', '4',
                   '--nnodes', '2', '--node-rank', '1', '--master-addr', 'host0', '--', '--input-size', '384')
-    assert cmd.startswith('torchrun --nproc_per_node 4 --nnodes 2 --node_rank 1 --master_addr host0 '
-                          '--master_port 29500 main.py --eval --resume w.pth --model vit5_base')
+    # c10d rendezvous, hosted by node 0 (a static one could not restart the group)
+    assert cmd.startswith('torchrun --nproc_per_node 4 --nnodes 2 --rdzv-backend c10d --rdzv-endpoint host0:29500 '
+                          '--rdzv-id vit5 --rdzv-conf is_host=0 main.py --eval --resume w.pth --model vit5_base')
     assert cmd.endswith('--input-size 384')  # extra flags come last, so they win
     tag = dry_run('eval_vit5.sh', 'large', '--ckpt', 'vit5_large.in1k_384', '--data-path', 'IMNET')
     assert 'main.py --eval --finetune vit5_large.in1k_384 --model vit5_large --data-path IMNET' in tag
     assert '--input-size' not in tag  # the tag sets it
+    restarts = dry_run('pretrain_vit5.sh', 'small', '--data-path', 'IMNET', '--max-restarts', '3', '--', '--auto-resume')
+    assert restarts.startswith('torchrun --nproc_per_node 8 --standalone --max-restarts 3 main.py --model vit5_small')
     env_cmd = dry_run('pretrain_vit5.sh', 'small', env=dict(DATA_PATH='/data/in 1k', GPUS='2', DRY_RUN='1'))
     assert "--nproc_per_node 2" in env_cmd and shlex.split(env_cmd)[shlex.split(env_cmd).index('--data-path') + 1] \
         == '/data/in 1k'
+
+
+# ---- benchmark_checkpoint ----------------------------------------------------------------------------
+def test_benchmark_checkpoint_times_main_py_s_save(tmp_path):
+    import benchmark_checkpoint
+    out = tmp_path / 'r.json'
+    proc = run_inprocess(benchmark_checkpoint.main, '--models', 'vit5_tiny', '--model-kwargs', 'depth=1',
+                         '--rounds', '1', '--dir', tmp_path, '--step-ms', '50', '--json', out)
+    assert proc.returncode == 0, proc.stderr
+    [r] = json.loads(out.read_text())
+    assert r['model'] == 'vit5_tiny' and r['save_s'] > r['read_back_s'] > 0
+    # model + EMA + LAMB's two moments: four float32 copies of the weights, and little else
+    assert 4 * r['params'] * 4 / 2 ** 20 < r['mb'] < 4.2 * r['params'] * 4 / 2 ** 20
+    assert r['min_interval'] == int(100 * r['save_s'] * 1000 / 50) + 1
+    assert f'>= {r["min_interval"]} steps of 50 ms' in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['r.json']  # its checkpoints are gone
+
+
+# ---- the SLURM script's signal handling (tests/slurm stand in for srun and scontrol) -------------------
+FAKE_MAIN = """#!/usr/bin/env bash
+# main.py stand-in: notes its start; on SIGUSR1 or SIGTERM exits 75, as main.py does after its checkpoint
+trap 'echo "task $SLURM_PROCID: USR1" >> "$TASK_LOG"; exit 75' USR1
+trap 'echo "task $SLURM_PROCID: TERM" >> "$TASK_LOG"; exit 75' TERM
+echo "task $SLURM_PROCID of $SLURM_NTASKS: $*" >> "$TASK_LOG"
+[ -z "$TASK_EXIT" ] || exit "$TASK_EXIT"
+while true; do sleep 0.05; done
+"""
+
+
+@pytest.mark.parametrize('signal_name, task_exit, code', [('USR1', '', 75), ('TERM', '', 75), (None, '1', 1)])
+def test_slurm_script_passes_its_signal_to_the_tasks_and_requeues_when_they_stopped(tmp_path, signal_name,
+                                                                                    task_exit, code):
+    import signal
+    import time
+    (tmp_path / 'bin').mkdir()
+    (tmp_path / 'bin' / 'python').write_text(FAKE_MAIN)
+    (tmp_path / 'bin' / 'python').chmod(0o755)
+    log, requeues = tmp_path / 'tasks', tmp_path / 'scontrol'
+    env = {**os.environ, 'PATH': f'{REPO / "tests" / "slurm"}:{tmp_path / "bin"}:{os.environ["PATH"]}',
+           'SLURM_JOB_ID': '1234', 'SLURM_JOB_NODELIST': 'node[0-1]', 'SLURM_NTASKS': '2', 'SLURM_CPUS_PER_TASK': '10',
+           'DATA_PATH': '/data', 'TASK_LOG': str(log), 'TASK_EXIT': task_exit, 'SCONTROL_LOG': str(requeues)}
+    job = subprocess.Popen(['bash', str(SCRIPTS / 'slurm_pretrain.sbatch'), '--epochs', '3'], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (log.exists() and log.read_text().count('\n') == 2) and job.poll() is None:
+            assert time.monotonic() < deadline, 'the tasks did not start'
+            time.sleep(0.05)  # until both tasks have started
+        if signal_name:
+            job.send_signal(getattr(signal, f'SIG{signal_name}'))  # SLURM's --signal=B:USR1@120, or a SIGTERM
+        out, err = job.communicate(timeout=30)
+    finally:
+        job.kill()
+    lines = log.read_text().splitlines()
+    started, signalled = sorted(x for x in lines if ' of 2: ' in x), sorted(x for x in lines if ' of 2: ' not in x)
+    assert job.returncode == code, out + err
+    assert started[0].startswith('task 0 of 2: main.py --model vit5_base') and started[1].startswith('task 1 of 2: main.py')
+    args = started[0].split()
+    assert args[-2:] == ['--epochs', '3']  # the script's arguments come last, so they win
+    assert '--auto-resume' in args
+    if signal_name:
+        assert signalled == [f'task 0: {signal_name}', f'task 1: {signal_name}']
+        assert requeues.read_text() == 'requeue 1234\n' and 'requeueing job 1234' in out
+    else:
+        assert not requeues.exists()
 
 
 # ---- prepare_digits: the quick start's data ------------------------------------------------------
@@ -243,8 +315,8 @@ def load_exported(path):
 @torch.no_grad()
 def test_convert_checkpoint_loads_strictly_with_same_logits(trained, tmp_path):
     import convert_checkpoint
-    import utils
-    ckpt = utils.load_checkpoint(str(trained / 'checkpoint.pth'))
+    import checkpoint
+    ckpt = checkpoint.load_checkpoint(str(trained / 'checkpoint.pth'))
     x = torch.randn(2, 3, 32, 32)
 
     out = tmp_path / 'w.safetensors'
@@ -263,16 +335,18 @@ def test_convert_checkpoint_loads_strictly_with_same_logits(trained, tmp_path):
 
 def test_convert_checkpoint_summary_and_prefixes(trained, tmp_path):
     import convert_checkpoint
-    import utils
+    import checkpoint
     from safetensors.torch import load_file
-    ckpt = utils.load_checkpoint(str(trained / 'checkpoint.pth'))
+    ckpt = checkpoint.load_checkpoint(str(trained / 'checkpoint.pth'))
     ckpt['model'] = {f'module._orig_mod.{k}': v for k, v in ckpt['model'].items()}  # DDP + compile
     del ckpt['model_ema']
+    ckpt['batches_done'] = 3  # as a --save-interval checkpoint
     src = tmp_path / 'prefixed.pth'
     torch.save(ckpt, src)
     proc = run_inprocess(convert_checkpoint.main, src, '--summary')
     assert proc.returncode == 0, proc.stderr
-    for text in ('model:         vit5_tiny', 'epoch:         0', 'EMA weights:   no', 'args:', 'tensors'):
+    for text in ('model:         vit5_tiny', 'epoch:         0', 'mid-epoch:     3 batches of epoch 0 trained',
+                 'EMA weights:   no', 'args:', 'tensors'):
         assert text in proc.stdout
     assert not list(tmp_path.glob('*.safetensors'))  # --summary alone writes nothing
     assert run_inprocess(convert_checkpoint.main, src).returncode == 0  # default output name

@@ -1,106 +1,18 @@
-"""Checkpoint files, RNG state, launcher detection and progress logging."""
-import argparse
+"""Launcher detection, signals, the training loss read and progress logging."""
 import builtins
 import math
 import os
-import random
 import re
+import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 import utils
-from utils import CheckpointError, ConfigError, NonFiniteLossError
-
-
-# ---- saving -------------------------------------------------------------------------------------
-def test_save_is_atomic_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
-    path = str(tmp_path / 'checkpoint.pth')
-    utils.save_checkpoint({'epoch': 1, 'w': torch.ones(3)}, path)
-    real_save = torch.save
-
-    def crash_mid_write(obj, f):
-        real_save({'partial': torch.zeros(1000)}, f)  # some bytes reach the disk, then the job dies
-        raise OSError('No space left on device')
-
-    monkeypatch.setattr(torch, 'save', crash_mid_write)
-    with pytest.raises(OSError):
-        utils.save_checkpoint({'epoch': 2, 'w': torch.zeros(3)}, path)
-    assert os.listdir(tmp_path) == ['checkpoint.pth']  # no temporary file left behind
-    assert utils.load_checkpoint(path)['epoch'] == 1
-
-
-def test_only_rank_zero_writes(tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, 'get_rank', lambda: 1)
-    utils.save_checkpoint({'epoch': 0}, str(tmp_path / 'c.pth'))
-    assert not os.listdir(tmp_path)
-
-
-# ---- loading ------------------------------------------------------------------------------------
-def test_load_accepts_tensors_containers_and_namespace(tmp_path):
-    path = tmp_path / 'ok.pth'
-    torch.save({'model': {'w': torch.arange(3)}, 'args': argparse.Namespace(lr=0.1, betas=[0.9, 0.99]),
-                'epoch': 4, 'max_accuracy': None}, path)
-    ckpt = utils.load_checkpoint(str(path))
-    assert ckpt['args'].lr == 0.1 and ckpt['epoch'] == 4 and torch.equal(ckpt['model']['w'], torch.arange(3))
-
-
-class Payload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
-def test_load_refuses_code_and_never_runs_it(tmp_path):
-    torch.save({'model': {}, 'hook': Payload(tmp_path / 'ran')}, tmp_path / 'evil.pth')
-    with pytest.raises(CheckpointError, match=r'refusing .*evil\.pth.*Path\.touch|refusing .*evil\.pth'):
-        utils.load_checkpoint(str(tmp_path / 'evil.pth'))
-    assert not (tmp_path / 'ran').exists()
-    # the payload is real: an unsafe load would have run it
-    torch.save({'hook': Payload(tmp_path / 'ran_unsafe')}, tmp_path / 'evil2.pth')
-    torch.load(tmp_path / 'evil2.pth', weights_only=False)
-    assert (tmp_path / 'ran_unsafe').exists()
-
-
-@pytest.mark.parametrize('content, message', [
-    (None, 'does not exist'),
-    (b'', 'empty or truncated'),
-    (b'just some text\n', 'not a PyTorch checkpoint'),
-    ('half', 'truncated'),
-    ('list', 'holds a list'),
-])
-def test_load_bad_files_name_the_file(tmp_path, content, message):
-    path = tmp_path / 'bad.pth'
-    if content == 'half':
-        torch.save({'w': torch.zeros(1000)}, path)
-        path.write_bytes(path.read_bytes()[:2000])
-    elif content == 'list':
-        torch.save([1, 2], path)
-    elif content is not None:
-        path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=message) as info:
-        utils.load_checkpoint(str(path))
-    assert str(path) in str(info.value) and '\n' not in str(info.value)
-
-
-# ---- RNG state ----------------------------------------------------------------------------------
-def draws():
-    return random.random(), float(np.random.rand()), np.random.beta(0.8, 0.8), torch.rand(2).tolist()
-
-
-def test_rng_state_survives_a_checkpoint_file(tmp_path):
-    utils.seed_everything(3)
-    draws()
-    torch.save({'rng': utils.get_rng_state()}, tmp_path / 'r.pth')
-    expected = draws()
-    utils.seed_everything(99)
-    utils.set_rng_state(utils.load_checkpoint(str(tmp_path / 'r.pth'))['rng'])
-    assert draws() == expected
+from utils import ConfigError, NonFiniteLossError
 
 
 # ---- launchers ----------------------------------------------------------------------------------
@@ -140,10 +52,10 @@ def test_one_process_under_a_launcher_joins_a_group_only_with_distributed(clean_
                      MASTER_PORT='0').items():  # the store binds a free port and keeps it
         clean_env.setenv(k, v)
     clean_env.setattr(builtins, 'print', builtins.print)  # init_distributed mutes other ranks' print
-    plain = SimpleNamespace(world_size=1, distributed=False, dist_url='env://')
+    plain = SimpleNamespace(world_size=1, distributed=False, dist_url='env://', dist_timeout=utils.DIST_TIMEOUT_MINUTES)
     utils.init_distributed(plain, 'cpu')
     assert not plain.distributed and not utils.is_dist()
-    args = SimpleNamespace(world_size=1, distributed=True, dist_url='env://')
+    args = SimpleNamespace(world_size=1, distributed=True, dist_url='env://', dist_timeout=utils.DIST_TIMEOUT_MINUTES)
     utils.init_distributed(args, 'cpu')
     try:
         assert args.distributed and utils.is_dist() and utils.get_world_size() == 1
@@ -162,6 +74,25 @@ def test_slurm_needs_a_rendezvous_address(clean_env):
         utils.init_distributed(SimpleNamespace(world_size=1, distributed=False, dist_url='env://'), 'cpu')
 
 
+def test_torchrun_restarts_through_the_agents_store_are_refused(clean_env):
+    """Workers of a torchrun that may restart them and shares its store with them (its default) would find
+    the failed group's addresses there after a restart: refused at the start, saying what to set."""
+    for k, v in dict(RANK='0', WORLD_SIZE='2', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT='1',
+                     TORCHELASTIC_USE_AGENT_STORE='True', TORCHELASTIC_MAX_RESTARTS='1').items():
+        clean_env.setenv(k, v)
+    args = SimpleNamespace(world_size=1, distributed=False, dist_url='env://', dist_timeout=utils.DIST_TIMEOUT_MINUTES)
+    with pytest.raises(ConfigError, match='TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and launch with --standalone'):
+        utils.init_distributed(args, 'cpu')
+
+
+def test_lost_contact_tells_collective_failures_from_other_errors():
+    gloo = RuntimeError('[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:31651: '
+                        'Connection reset by peer.')
+    assert utils.lost_contact(gloo) and utils.lost_contact(torch.distributed.DistBackendError('NCCL timeout'))
+    assert not utils.lost_contact(RuntimeError('mat1 and mat2 shapes cannot be multiplied'))
+    assert not utils.lost_contact(ValueError('gloo'))
+
+
 # ---- the training loss, read at log steps ------------------------------------------------------------
 def test_log_steps_every_print_freq_and_the_last():
     assert [i for i in range(25) if utils.is_log_step(i, 25, 10)] == [0, 10, 20, 24]
@@ -175,6 +106,20 @@ def test_running_loss_interval_means_and_counts():
     losses.add(torch.tensor([5.0]), 3)  # a one-element loss counts as a scalar
     assert losses.read('epoch 0') == (5.0, 1)
     assert losses.read('epoch 0') == (0.0, 0)  # nothing new since the last read
+
+
+def test_running_loss_carries_stop_requests_and_survives_a_checkpoint():
+    losses = utils.RunningLoss(torch.device('cpu'))
+    for i, v in enumerate([1.0, 2.0, 6.0]):
+        losses.add(torch.tensor(v), i)
+    assert losses.read('epoch 0') == (3.0, 3) and not losses.stopping
+    losses.add(torch.tensor(4.0), 3)
+    restored = utils.RunningLoss(torch.device('cpu'))
+    restored.load_state_dict(losses.state_dict())
+    for running in (losses, restored):
+        running.add(torch.tensor(1.0), 4)
+        assert running.read('epoch 0', stop=running is restored) == (2.5, 2)
+    assert restored.stopping and not losses.stopping
 
 
 @pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
@@ -224,16 +169,36 @@ def test_a_ctrl_c_python_dropped_is_raised_at_the_next_step(monkeypatch):
         next(steps)
 
 
-class _SigintDisposition(torch.utils.data.Dataset):
+class _Pids(torch.utils.data.Dataset):
     def __len__(self):
-        return 2
+        return 4
 
     def __getitem__(self, i):
         import signal
-        return int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+        return os.getpid(), int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
 
 
-def test_loader_workers_leave_ctrl_c_to_the_main_process():
-    loader = torch.utils.data.DataLoader(_SigintDisposition(), batch_size=2, num_workers=1,
-                                         worker_init_fn=utils.loader_worker_init)
-    assert next(iter(loader)).tolist() == [1, 1]
+def test_loader_workers_leave_ctrl_c_and_stop_signals_to_the_main_process():
+    """Ctrl-C reaches the workers' process group, and SLURM signals every process of a job step: a worker
+    ignores both, and ends on the SIGTERM of its own main process (the DataLoader's shutdown)."""
+    import signal
+    loader = iter(torch.utils.data.DataLoader(_Pids(), batch_size=1, num_workers=1,
+                                              worker_init_fn=utils.loader_worker_init))
+    pid, ignores_ctrl_c = (int(t) for t in next(loader))
+    assert ignores_ctrl_c == 1
+    for sig in ('TERM', 'USR1'):  # from another process, as from SLURM
+        subprocess.run(['kill', f'-{sig}', str(pid)], check=True)
+    assert int(next(loader)[0]) == pid  # still there, still serving
+    os.kill(pid, signal.SIGTERM)  # from its main process
+    deadline = time.monotonic() + 60
+    while process_state(pid) not in 'ZX':  # a zombie (exited, not yet reaped) or gone
+        assert time.monotonic() < deadline, 'the worker outlived its main process\'s SIGTERM'
+        time.sleep(0.01)
+    del loader
+
+
+def process_state(pid: int) -> str:
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(') ', 1)[1][0]
+    except FileNotFoundError:
+        return 'X'

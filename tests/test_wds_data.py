@@ -6,7 +6,6 @@ import collections
 import json
 import random
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,10 +242,10 @@ def digits(tmp_path_factory):
 @pytest.fixture(scope='module')
 def pretrain(digits, tmp_path_factory):
     """The pretraining recipe (ThreeAugment, mixup/cutmix, BCE, repeated augmentation), 3 epochs from the
-    digits' shards, a loader worker."""
+    digits' shards, a loader worker, a checkpoint every 7 optimizer steps (mid-epoch)."""
     out = tmp_path_factory.mktemp('pretrain')
     argv = TINY + ['--data-set', 'WDS', '--data-path', digits[1], '--output_dir', out] + RECIPE + [
-        '--batch', 64, '--num_workers', 1]
+        '--batch', 64, '--num_workers', 1, '--save-interval', 7]
     return out, argv, run_keeping_checkpoints(argv)
 
 
@@ -256,6 +255,7 @@ def test_pretraining_recipe_from_shards_resumes_exactly(pretrain, tmp_path):
     assert [e['epoch'] for e in log] == [0, 1, 2] and log[2]['train_loss'] < log[0]['train_loss']
     assert 'Epoch: [0] [19/20]' in stdout  # 1437 digits: 1280 per epoch with repeated augmentation
     resume_and_compare(argv, out, 1, tmp_path)
+    resume_and_compare(argv, out, 1, tmp_path, batch=8)  # the run's 28th step: mid-epoch, the stream skips 8 batches
 
 
 def test_eval_top1_on_shards_equals_the_folders(pretrain, digits):
@@ -274,9 +274,11 @@ def test_device_pipeline_from_shards_resumes_exactly(photo_set, tmp_path):
     seeds too."""
     out = tmp_path / 'run'
     argv = TINY + ['--data-set', 'WDS', '--data-path', photo_set[1], '--output_dir', out] + RECIPE + [
-        '--input-size', 48, '--batch', 16, '--epochs', 2, '--data-pipeline', 'gpu', '--num_workers', 1]
+        '--input-size', 48, '--batch', 16, '--epochs', 2, '--data-pipeline', 'gpu', '--num_workers', 1,
+        '--save-interval', 2]
     run_keeping_checkpoints(argv)
     resume_and_compare(argv, out, 0, tmp_path)
+    resume_and_compare(argv, out, 0, tmp_path, batch=2)
 
 
 def cli_error(argv, capsys):

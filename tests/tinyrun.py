@@ -79,24 +79,27 @@ def read_log(out_dir):
 
 @contextlib.contextmanager
 def keeping_checkpoints():
-    """Inside: every write of checkpoint.pth also leaves a copy, checkpoint.pth.epochN (rank 0 writes)."""
+    """Inside: every write of checkpoint.pth also leaves a copy (rank 0 writes), checkpoint.pth.epochN after
+    epoch N, and checkpoint.pth.epochN.batchK after batch K of it (--save-interval, a stop signal)."""
+    import checkpoint
     import utils
-    save = utils.save_checkpoint
+    save = checkpoint.save_checkpoint
 
-    def save_and_keep(state, path):
-        save(state, path)
+    def save_and_keep(state, path, keep_previous=False):
+        save(state, path, keep_previous)
         if Path(path).name == 'checkpoint.pth' and utils.is_main_process():
-            shutil.copy(path, f'{path}.epoch{state["epoch"]}')
+            mid = '' if state.get('batches_done') is None else f'.batch{state["batches_done"]}'
+            shutil.copy(path, f'{path}.epoch{state["epoch"]}{mid}')
 
-    utils.save_checkpoint = save_and_keep
+    checkpoint.save_checkpoint = save_and_keep
     try:
         yield
     finally:
-        utils.save_checkpoint = save
+        checkpoint.save_checkpoint = save
 
 
 def run_keeping_checkpoints(argv):
-    """run_main, keeping a copy of checkpoint.pth as written after each epoch; returns the stdout."""
+    """run_main, keeping a copy of checkpoint.pth as written after each epoch (and mid-epoch); returns the stdout."""
     with keeping_checkpoints():
         return run_main(argv)[1]
 
@@ -119,20 +122,22 @@ def assert_same(a, b, where='checkpoint'):
 
 def assert_same_run_state(full_path, resumed_path):
     """Everything but the command line (args) of two checkpoints is equal: weights, EMA, optimizer,
-    schedule, gradient scaler, every rank's RNG state, best top-1."""
-    import utils
-    full, resumed = (utils.load_checkpoint(str(p)) for p in (full_path, resumed_path))
+    schedule, gradient scaler, where it stopped, best top-1."""
+    import checkpoint
+    full, resumed = (checkpoint.load_checkpoint(str(p)) for p in (full_path, resumed_path))
     assert full.keys() == resumed.keys()
     for key in sorted(set(full) - {'args'}):
         assert_same(full[key], resumed[key], key)
 
 
-def resume_and_compare(argv, out, epoch, tmp_path):
-    """Restart `argv` (which wrote to `out`, keeping checkpoints) from the checkpoint of `epoch` in a fresh
-    output dir; assert it ends in the uninterrupted run's state, bit for bit, with the same log."""
-    out2 = tmp_path / f'resumed{epoch}'
+def resume_and_compare(argv, out, epoch, tmp_path, batch=None):
+    """Restart `argv` (which wrote to `out`, keeping checkpoints) from the checkpoint of `epoch` (after `batch`
+    of its batches, when given) in a fresh output dir; assert it ends in the uninterrupted run's state, bit for
+    bit, with the same log (with `batch`, that epoch's line included: its running loss was saved)."""
+    name = f'checkpoint.pth.epoch{epoch}' + ('' if batch is None else f'.batch{batch}')
+    out2 = tmp_path / f'resumed_{name}'
     out2.mkdir()
-    shutil.copy(Path(out) / f'checkpoint.pth.epoch{epoch}', out2 / 'checkpoint.pth')
+    shutil.copy(Path(out) / name, out2 / 'checkpoint.pth')
     run_main([a if a != out else out2 for a in argv] + ['--resume', out2 / 'checkpoint.pth'])
     assert_same_run_state(Path(out) / 'checkpoint.pth', out2 / 'checkpoint.pth')
-    assert read_log(out2) == read_log(out)[epoch + 1:]  # same losses and accuracies, epoch by epoch
+    assert read_log(out2) == read_log(out)[epoch + (batch is None):]  # same losses and accuracies, epoch by epoch
