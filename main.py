@@ -11,6 +11,7 @@ SIGTERM or SIGUSR1 ends training after checkpointing the step every rank agreed 
 (EXIT_STOPPED); Ctrl-C ends it with exit code 130.
 """
 import argparse
+import contextlib
 import datetime
 import functools
 import inspect
@@ -1072,10 +1073,9 @@ def cli(argv=None) -> int:
 def guarded(args, body=None) -> int:
     """main(args, body) as a command: the exit code, and a user's mistake as one line on stderr."""
     utils.handle_ctrl_c()
-    if not args.eval:
-        utils.handle_stop_signals()
     try:
-        main(args, body)
+        with contextlib.nullcontext() if args.eval else utils.stop_signals_noted():
+            main(args, body)
     except (DataError, CheckpointError, ConfigError) as err:
         sys.stderr.write(f'error: {one_line(err)}\n')  # not print(): other ranks' print is muted
         return 2

@@ -216,19 +216,35 @@ def check_interrupted() -> None:
         raise KeyboardInterrupt
 
 
-def handle_stop_signals() -> None:
-    """SIGTERM and SIGUSR1 ask training to stop: the handler only notes the signal. The training loop
-    reads the note where the ranks meet anyway (engine: the loss read at each progress line), all ranks
-    agree to stop at the end of that optimizer step, write its checkpoint and leave (main.py)."""
+@contextlib.contextmanager
+def stop_signals_noted():
+    """Inside: SIGTERM and SIGUSR1 ask training to stop, and the handler only notes the signal. The training
+    loop reads the note where the ranks meet anyway (engine: the loss read at each progress line), all ranks
+    agree to stop at the end of that optimizer step, write its checkpoint and leave (main.py). On leaving,
+    the handlers from before are back and the note is dropped (main.py's code also runs inside other
+    programs: tests, scripts).
+
+    A process forked from this one inherits the handler: a DataLoader worker blocks these signals
+    (loader_worker_init); any other child (a multiprocessing pool, ...) gets the signals' default action."""
+    global _stop_signal
+    _stop_signal = None
     main_pid = os.getpid()
 
     def on_stop(signum, frame):
         global _stop_signal
-        if os.getpid() == main_pid and _stop_signal is None:
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        elif _stop_signal is None:
             _stop_signal = signal.Signals(signum).name
 
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, on_stop)
+    previous = {sig: signal.signal(sig, on_stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop_signal = None  # a note is about the run inside
 
 
 def stop_requested():

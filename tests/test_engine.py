@@ -116,17 +116,10 @@ def test_nonfinite_loss_stops_at_the_next_log_step():
 
 @pytest.fixture
 def stop_signals():
-    """main.py's SIGTERM / SIGUSR1 handling in this process for the test, then Python's defaults again."""
-    import signal
+    """main.py's SIGTERM / SIGUSR1 handling in this process for the test, then the handlers from before."""
     import utils
-    saved = {sig: signal.getsignal(sig) for sig in utils.STOP_SIGNALS}
-    utils.handle_stop_signals()
-    try:
+    with utils.stop_signals_noted():
         yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-        utils._stop_signal = None
 
 
 def test_checkpoints_every_n_optimizer_steps_and_stops_where_all_ranks_meet(stop_signals):

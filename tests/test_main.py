@@ -321,8 +321,10 @@ def test_plain_command_trains(data, tmp_path):
 # ---- bad input: one line on stderr, exit code 2, no traceback --------------------------------
 def cli_error(argv, capsys, code=2):
     capsys.readouterr()
+    sigterm = signal.getsignal(signal.SIGTERM)
     with one_thread():
         rc = main.cli([str(a) for a in argv])
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # the command's stop-signal handling ends with it
     err = capsys.readouterr().err.strip()
     assert rc == code, err
     assert err.startswith('error: ') and '\n' not in err and 'Traceback' not in err

@@ -202,3 +202,26 @@ def process_state(pid: int) -> str:
         return Path(f'/proc/{pid}/stat').read_text().rsplit(') ', 1)[1][0]
     except FileNotFoundError:
         return 'X'
+
+
+def test_stop_signals_are_noted_inside_restored_after_and_kill_forked_children():
+    """Inside stop_signals_noted a SIGUSR1 is only noted; a child forked in there that is no DataLoader
+    worker (a multiprocessing pool's) still dies of SIGTERM (it used to note it and live on, and a pool
+    terminated from a test that had run main.cli in-process hung); outside, the handlers from before."""
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+    with utils.stop_signals_noted():
+        ready, go = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child says it runs, then waits; it leaves quietly if a signal only woke it
+            os.write(go, b'1')
+            signal.pause()
+            os._exit(0)
+        os.read(ready, 1)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        assert utils.stop_requested() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert utils.stop_requested() == 'SIGUSR1'
+    assert signal.getsignal(signal.SIGTERM) is before and utils.stop_requested() is None
