@@ -115,10 +115,12 @@ def data_config(ckpt: dict, name: str, kwargs: dict) -> dict:
 def loading_lines(name: str, kwargs: dict, path: str, cfg: dict) -> str:
     """Python that loads the file through timm, with the data pipeline it was evaluated with."""
     call = ''.join(f', {k}={v!r}' for k, v in kwargs.items())
-    overlay = ', '.join(f'{k}={v!r}' for k, v in cfg.items())
+    items = [f'{k}={v!r}' for k, v in cfg.items()]
     return (f'  import timm, timm.data, models_vit5\n'
             f'  model = timm.create_model({name!r}, pretrained=True{call},\n'
-            f'      pretrained_cfg_overlay=dict(file={path!r}, {overlay})).eval()\n'
+            f'      pretrained_cfg_overlay=dict(file={path!r},\n'
+            f'          {", ".join(items[:-2])},\n'
+            f'          {", ".join(items[-2:])})).eval()\n'
             f'  transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))')
 
 
