@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Quick start: train a small ViT-5 on real data (scikit-learn's handwritten digits) in a few
 # minutes on a CPU, through main.py like any other run, then evaluate and plot it.
-#   bash scripts/quickstart.sh                  # everything goes to runs/quickstart/
-#   SEED=1 OUT=runs/seed1 bash scripts/quickstart.sh                  # another seed, in its own folder
-#   bash scripts/quickstart.sh --epochs 30      # extra flags go to main.py (and win)
-#   bash scripts/quickstart.sh --resume runs/quickstart/checkpoint.pth   # continue a stopped run in its folder
+#   bash scripts/quickstart.sh                                          # everything goes to runs/quickstart/
+#   SEED=1 OUT=runs/seed1 bash scripts/quickstart.sh                    # another seed, in its own folder
+#   OUT=runs/long bash scripts/quickstart.sh --epochs 30                # extra flags go to main.py (and win)
+#   bash scripts/quickstart.sh --resume runs/quickstart/checkpoint.pth  # continue a stopped run, in its folder
 #   OUT=runs/ft bash scripts/quickstart.sh --finetune runs/quickstart/checkpoint.pth --epochs 5
 # A run gets a folder of its own: the script never deletes or overwrites a run. When OUT already
 # holds one, it refuses and says how to go on (continue it with --resume, start over with `rm -r OUT`,
