@@ -127,10 +127,23 @@ class INatDataset(datasets.VisionDataset):
         return (self.transform(img) if self.transform else img), target
 
 
+SMALL_INPUT = 32  # inputs of this size or less (CIFAR-sized) are cropped with padding, never resized
+
+
+def eval_data_config(input_size: int, crop_ratio: float) -> dict:
+    """The evaluation transform below in timm's data-config terms (the fields of a pretrained cfg), so
+    timm.data.create_transform(**cfg) gives the same tensors: resize the shorter side to
+    input_size / crop_ratio (bicubic), centre crop, ImageNet mean and std. Small inputs are not resized:
+    crop_pct 1 says so for images of the input size (a resize to their own size leaves them as they are)."""
+    return dict(input_size=(3, input_size, input_size), interpolation='bicubic', crop_mode='center',
+                crop_pct=1.0 if input_size <= SMALL_INPUT else crop_ratio,
+                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
 def build_transform(is_train: bool, args):
     """PIL image -> normalised tensor (3, input_size, input_size)."""
     size = args.input_size
-    small = size <= 32  # CIFAR-sized inputs are cropped with padding, never resized
+    small = size <= SMALL_INPUT
     if is_train and args.ThreeAugment:
         return three_augment_transform(size, args.color_jitter, args.src, args.hflip)
     if is_train:
@@ -142,11 +155,11 @@ def build_transform(is_train: bool, args):
         if small:
             t.transforms[0] = transforms.RandomCrop(size, padding=4)  # replaces the random resized crop
         return t
-    t = []
+    cfg, t = eval_data_config(size, args.eval_crop_ratio), []
     if not small:
-        t += [transforms.Resize(int(size / args.eval_crop_ratio), interpolation=InterpolationMode.BICUBIC),
+        t += [transforms.Resize(int(size / cfg['crop_pct']), interpolation=InterpolationMode(cfg['interpolation'])),
               transforms.CenterCrop(size)]
-    t += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    t += [transforms.ToTensor(), transforms.Normalize(cfg['mean'], cfg['std'])]
     return transforms.Compose(t)
 
 

@@ -225,10 +225,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    choices=('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'),
                    help='iNaturalist: the taxonomy level that makes a class')
     g.add_argument('--nb-classes', type=COUNT, default=None, help='classifier size (when not given: from the data)')
-    g.add_argument('--num_workers', type=NONNEG_INT, default=10, help='DataLoader worker processes per process')
     g.add_argument('--shuffle-buffer', type=COUNT, default=1000,
                    help='WDS: samples each DataLoader worker holds to shuffle the shards it reads (undecoded: '
                         'about 110 KB each for ImageNet)')
+    g.add_argument('--num_workers', type=NONNEG_INT, default=utils.default_num_workers(),
+                   help=f'DataLoader worker processes per process (when not given: one per CPU core of the '
+                        f'process, its share under torchrun, at most {utils.MAX_DEFAULT_WORKERS})')
     g.add_argument('--pin-mem', action=bool_flag, default=True, help='pinned host memory (CUDA only)')
     g.add_argument('--data-pipeline', default='auto', choices=('auto', 'cpu', 'gpu'),
                    help='cpu: PIL augments in the DataLoader workers; gpu: the workers decode and crop, '
@@ -858,6 +860,8 @@ def run(args, device, amp_dtype) -> dict:
     loader_train, loader_val, n_val, nb_classes = build_loaders(args, device)
     model = prepare_model(args, nb_classes, device, ckpt)
     if args.eval:
+        if args.load_ema:
+            print(f'Evaluating the EMA weights (model_ema) of {args.resume or args.finetune}')
         stats = run_eval(args, loader_val, model, device, amp_dtype)
         print(f'Accuracy of the network on the {n_val} test images: {stats["acc1"]:.1f}%')
         return stats

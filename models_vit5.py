@@ -253,8 +253,9 @@ def rope_tables(
     patch_ang = (rope_angles(patch_freqs, n_rows, n_cols, build_grid) if patch_freqs is not None
                  else ref.new_zeros(n_rows * n_cols, hd, dtype=torch.float32))
     ang = torch.cat([cls_ang, reg_ang, patch_ang])
-    sign = torch.tensor([-1., 1.], device=ref.device).repeat(hd // 2)
-    return ang.cos().to(dtype), (ang.sin() * sign).to(dtype)
+    sin = ang.sin().unflatten(-1, (-1, 2))  # (N, hd/2, 2): the channel pairs, both of a pair at one angle
+    sin = torch.stack([-sin[..., 0], sin[..., 1]], dim=-1).flatten(-2)  # [-s0 +s0 -s1 +s1 ...]
+    return ang.cos().to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -456,12 +457,23 @@ DEIT3_KWARGS = dict(
 GLOBAL_POOLS = ('', 'token', 'avg', 'max', 'avgmax')
 
 
+class PatchEmbed5(PatchEmbed):
+    """timm's PatchEmbed (the same weights, set_input_size and feature info) without its size asserts:
+    VisionTransformer5 checks every input once, on plain ints, in patch_grid before the projection;
+    timm's asserts would check again and, under torch.jit.trace, branch on traced sizes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))  # (B, D, h, w) -> (B, h*w, D), row-major
+
+
 # ---- size-dependent steps kept opaque to FX (one graph node each, run with real sizes) ---------------
 @torch.fx.wrap
 def patch_grid(x: torch.Tensor, patch_size: int, fixed: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
     """(rows, cols) of patches for an image batch (B, C, H, W); refuses H or W not divisible by the patch
     size, and, with `fixed` (dynamic_img_size=False), any other grid."""
     H, W = x.shape[-2], x.shape[-1]
+    if not torch.jit.is_scripting() and torch.jit.is_tracing():
+        H, W = _traced_input_size(x)
     if torch.compiler.is_compiling():
         _check_divisible(H, W, patch_size)  # a Python `if` would specialise the graph to this size
     elif H % patch_size or W % patch_size:
@@ -471,6 +483,21 @@ def patch_grid(x: torch.Tensor, patch_size: int, fixed: Optional[Tuple[int, int]
         raise ValueError(f'input size {H}x{W} differs from the size the model was built for '
                          f'({fixed[0] * patch_size}x{fixed[1] * patch_size}) and dynamic_img_size is off')
     return grid
+
+
+@torch.jit.unused
+def _traced_input_size(x: torch.Tensor) -> Tuple[int, int]:
+    """(H, W) of the image batch that torch.jit.trace (or the legacy ONNX exporter) records, as plain ints.
+
+    A trace is fixed to its input size: the patch grid, the RoPE tables and pos_embed at that grid are
+    constants of the graph (only the batch stays dynamic). The tracer hands out sizes as tensors, so every
+    Python branch on them would draw a TracerWarning; the size is read outside the tracer here, once."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        return int(x.shape[-2]), int(x.shape[-1])
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 @torch.jit.unused
@@ -570,7 +597,7 @@ class VisionTransformer5(nn.Module):
 
         img_size = to_2tuple(img_size)
         check_img_size(img_size, patch_size)
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.patch_embed = PatchEmbed5(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.grid = self.patch_embed.grid_size  # (rows, cols) at the build size
         num_patches = self.grid[0] * self.grid[1]
 

@@ -279,15 +279,29 @@ def _take_stop_signals_from(parent: int) -> None:
 
 
 # ---- CPU threads -------------------------------------------------------------------------------------
+MAX_DEFAULT_WORKERS = 10  # the released recipes' DataLoader workers per GPU
+
+
+def cpu_share() -> int:
+    """The CPU cores this process may use (its affinity), divided among the processes torchrun started on
+    this machine (LOCAL_WORLD_SIZE); at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+
+
+def default_num_workers() -> int:
+    """--num_workers when not given: one DataLoader worker per core of this process's share, at most 10.
+    Never more than PyTorch's suggested maximum (the cores of the process), so no warning."""
+    return min(MAX_DEFAULT_WORKERS, cpu_share())
+
+
 def cpu_threads(num_workers: int):
     """Intra-op threads for a CPU process whose DataLoader workers (one thread each) share its cores:
     the cores of this process (its share under torchrun) minus the workers, at least 1.
     None when OMP_NUM_THREADS is set: then that is the user's choice and stays."""
     if 'OMP_NUM_THREADS' in os.environ:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    share = max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
-    return max(1, share - num_workers)
+    return max(1, cpu_share() - num_workers)
 
 
 # ---- training loss and the finite-loss guard, read at log points only ------------------------------

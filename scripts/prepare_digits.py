@@ -12,6 +12,7 @@ traced back to the source array.
     python scripts/prepare_digits.py --out runs/quickstart/data
 """
 import argparse
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -57,10 +58,14 @@ def main(argv=None):
 
     train, val = split_indices(digits.target, args.val_fraction, args.seed)
     for split, indices in (('train', train), ('val', val)):
+        # written beside its place and renamed into it when whole: an interrupted run leaves no half split
+        partial = out / f'.{split}.partial'
+        shutil.rmtree(partial, ignore_errors=True)  # this script's own leftover
         for i in indices:
-            folder = out / split / str(digits.target[i])
+            folder = partial / str(digits.target[i])
             folder.mkdir(parents=True, exist_ok=True)
             to_image(digits.images[i], args.size).save(folder / f'{i:04d}.png')
+        partial.rename(out / split)
     print(f'wrote {len(train)} train + {len(val)} val digits ({args.size}x{args.size}, 10 classes) to {out}')
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -266,9 +267,11 @@ def test_eval_of_model_and_ema_weights(pretrain, data):
     stats, out = run_main(base)
     assert stats['acc1'] == pytest.approx(last['test_acc1']) and stats['loss'] == pytest.approx(last['test_loss'])
     assert 'Accuracy of the network on the 9 test images' in out
-    ema_stats, _ = run_main(base + ['--load_ema'])
+    assert 'EMA' not in out
+    ema_stats, out = run_main(base + ['--load_ema'])
     assert ema_stats['loss'] == pytest.approx(last['test_loss_ema'])
     assert ema_stats['loss'] != pytest.approx(stats['loss'])
+    assert f'Evaluating the EMA weights (model_ema) of {ckpt}\n' in out  # says which weights it scores
 
 
 def test_finetune_at_another_size_from_ema(pretrain, data, tmp_path):
@@ -569,6 +572,26 @@ def test_eval_takes_the_model_settings_from_the_checkpoint(pretrain, data):
     stats, out = run_main(plain + ['--input-size', 48])  # a flag the user gives wins
     assert '--input-size' not in out.split('Model settings')[1].splitlines()[0]
     assert stats['loss'] != pytest.approx(last['test_loss'])
+
+
+def test_num_workers_default_follows_the_cpus_and_never_draws_the_loader_warning(monkeypatch):
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    # (cores of the process, torchrun's processes on the machine) -> (workers, intra-op threads on a CPU run)
+    for cores, local_world, workers, threads in ((2, None, 2, 1), (64, None, 10, 54), (16, '4', 4, 1), (3, '8', 1, 1)):
+        monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)))
+        if local_world:
+            monkeypatch.setenv('LOCAL_WORLD_SIZE', local_world)
+        args = main.parse_args([])
+        assert args.num_workers == workers
+        assert f'at most 10) (default: {workers})' in ' '.join(main.get_args_parser().format_help().split())
+        # PyTorch warns when a loader has more workers than the process has cores ("suggested max")
+        loader = torch.utils.data.DataLoader(range(4), num_workers=args.num_workers)
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            loader.check_worker_number_rationality()
+        assert utils.cpu_threads(args.num_workers) == threads  # the same share of the cores
+    assert main.parse_args(['--num_workers', '10']).num_workers == 10  # the released commands' value stays
 
 
 def test_cpu_threads_leave_room_for_loader_workers(monkeypatch):

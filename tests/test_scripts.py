@@ -4,6 +4,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -346,14 +347,90 @@ def test_convert_checkpoint_summary_and_prefixes(trained, tmp_path):
     proc = run_inprocess(convert_checkpoint.main, src, '--summary')
     assert proc.returncode == 0, proc.stderr
     for text in ('model:         vit5_tiny', 'epoch:         0', 'mid-epoch:     3 batches of epoch 0 trained',
-                 'EMA weights:   no', 'args:', 'tensors'):
+                 'EMA weights:   no', 'tensors',
+                 "  model_kwargs = {'patch_size': 8, 'depth': 2, 'embed_dim': 64, 'num_heads': 2}",
+                 "  epochs = 1", "  eval_crop_ratio = 0.875"):
         assert text in proc.stdout
+    # short: the model's and the recipe's arguments, not all ~90; the accuracy rounded
+    assert len(proc.stdout.splitlines()) < 40 and 'wandb' not in proc.stdout and 'dist_url' not in proc.stdout
+    assert f"max accuracy:  {ckpt['max_accuracy']:.2f}%\n" in proc.stdout
     assert not list(tmp_path.glob('*.safetensors'))  # --summary alone writes nothing
     assert run_inprocess(convert_checkpoint.main, src).returncode == 0  # default output name
     keys = load_file(str(tmp_path / 'prefixed.safetensors'))
     assert 'cls_token' in keys and not any(k.startswith(('module.', '_orig_mod.')) for k in keys)
     assert_one_line_error(run_inprocess(convert_checkpoint.main, src, '--ema'))  # no EMA in this file
     assert_one_line_error(run_inprocess(convert_checkpoint.main, REPO / 'pytest.ini'))  # not a checkpoint
+
+
+def run_printed_loading_lines(stdout: str) -> dict:
+    """The Python convert_checkpoint.py prints after 'load it with timm', run as a user pastes it:
+    its names (model, transform)."""
+    import textwrap
+    code = textwrap.dedent(stdout.split('load it with timm', 1)[1].split('\n', 1)[1])
+    scope = {}
+    exec(code, scope)
+    return scope
+
+
+@torch.no_grad()
+def timm_correct(model, transform, val_root) -> tuple:
+    """(correct, images) of `model` on an image folder read through `transform` (timm's pipeline)."""
+    from torchvision.datasets import ImageFolder
+    images, labels = zip(*ImageFolder(str(val_root), transform=transform))
+    preds = model(torch.stack(images)).argmax(1)
+    return int((preds == torch.tensor(labels)).sum()), len(labels)
+
+
+@pytest.fixture(scope='module')
+def trained_48(tmp_path_factory):
+    """main.py (in-process) for four epochs at 48 px with --eval-crop-ratio 0.9 on crops of the two sample
+    photos (the class: which photo), of many sizes and shapes, so the evaluation resizes and crops."""
+    import numpy as np
+    from photos import photo_arrays, photo_crop
+    from tinyrun import TINY, run_main
+    root, out = tmp_path_factory.mktemp('photos'), tmp_path_factory.mktemp('run48')
+    rng = np.random.default_rng(0)
+    for k, photo in enumerate(photo_arrays()):
+        for split, n in (('train', 8), ('val', 6)):
+            (root / split / f'photo{k}').mkdir(parents=True)
+            for i in range(n):
+                photo_crop([photo, photo], rng, 40, 160).save(root / split / f'photo{k}' / f'{i}.png')
+    run_main(TINY + ['--data-path', root, '--output_dir', out, '--epochs', 4, '--input-size', 48,
+                     '--eval-crop-ratio', 0.9, '--no-model-ema', '--lr', 3e-3, '--unscale-lr', '--warmup-epochs', 0,
+                     '--mixup', 0, '--cutmix', 0, '--reprob', 0, '--aa', 'none'])
+    return out
+
+
+@pytest.mark.parametrize('run', ['trained', 'trained_48'])
+def test_converted_weights_in_timms_pipeline_score_as_main_py_eval(run, request, tmp_path):
+    """The loading lines convert_checkpoint.py prints give a model and timm's standard transform
+    (resolve_data_config + create_transform) that see the held-out images exactly as main.py --eval does,
+    and score its top-1: at 32 px (no resize) and at 48 px (resize to 53, centre crop)."""
+    import convert_checkpoint
+    import checkpoint
+    from datasets import build_transform
+    from tinyrun import run_main
+    ckpt_path = request.getfixturevalue(run) / 'checkpoint.pth'
+    args = checkpoint.load_checkpoint(str(ckpt_path))['args']
+    val = os.path.join(args.data_path, 'val')
+    stats, _ = run_main(['--eval', '--resume', ckpt_path, '--data-set', 'FOLDER', '--data-path', args.data_path,
+                         '--device', 'cpu', '--num_workers', 0])
+
+    proc = run_inprocess(convert_checkpoint.main, ckpt_path, '--out', tmp_path / 'w.safetensors')
+    assert proc.returncode == 0, proc.stderr
+    scope = run_printed_loading_lines(proc.stdout)
+    model, transform = scope['model'], scope['transform']
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / 'w.safetensors'), 'pt') as f:
+        written = json.loads(f.metadata()['pretrained_cfg'])  # the file carries the same config
+    assert {k: model.pretrained_cfg[k] for k in written} == {k: tuple(v) if isinstance(v, list) else v
+                                                             for k, v in written.items()}
+    ours = build_transform(False, args)
+    for path in sorted(p for p in Path(val).rglob('*.png'))[:12]:
+        with Image.open(path) as img:
+            assert torch.equal(transform(img.convert('RGB')), ours(img.convert('RGB'))), path
+    correct, n = timm_correct(model, transform, val)
+    assert n == stats['n'] and 100 * correct / n == pytest.approx(stats['acc1'], abs=1e-9)
 
 
 # ---- visualize_attention -------------------------------------------------------------------------
