@@ -21,6 +21,7 @@ previous_<name>, until the next save has been read back. --auto-resume (`newest_
 to that file, with one line, when the newest one cannot be read.
 """
 import argparse
+import math
 import os
 import pickle
 import re
@@ -28,11 +29,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+import timm
 import torch
+import torch.nn as nn
 
 import models_vit5
 import utils
-from utils import CheckpointError
+from utils import CheckpointError, ConfigError
 
 PREVIOUS = 'previous_'  # checkpoint.pth -> previous_checkpoint.pth (as best_checkpoint.pth)
 # Files needing any global beyond these are refused: unpickling them could run code.
@@ -164,15 +167,24 @@ class ResumePoint:
 
 def resume_training(args, ckpt: dict, path: str, model, model_ema, optimizer, scheduler, scaler) -> ResumePoint:
     """Restore optimizer, schedule, gradient scaler and EMA from a checkpoint (the model's weights are
-    already in); returns where the run continues."""
+    already in); returns where the run continues. Optimizer hyperparameters and lr schedule flags the resume
+    changed (take_run_settings) take effect: those hyperparameters are set over the restored state, and the
+    schedule is the one built from the new settings."""
     for key in ('optimizer', 'lr_scheduler', 'epoch'):
         if key not in ckpt:
             raise CheckpointError(f'{path} has no {key!r} to resume from (use --finetune to start from its weights)')
+    changes = set(getattr(args, 'resume_changes', ()))  # flags given with other values than the checkpoint's
+    built = [{k: v for k, v in group.items() if k not in ('params', 'lr', 'initial_lr')}
+             for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as err:
         raise CheckpointError(f'{path}: optimizer state does not fit this run ({err})') from None
-    scheduler_state(scheduler).load_state_dict(ckpt['lr_scheduler'])
+    if changes & set(OPTIMIZER_SETTINGS):  # the new hyperparameters over the restored moments
+        for group, hyper in zip(optimizer.param_groups, built):
+            group.update(hyper)
+    if not changes & set(SCHEDULE_SETTINGS):  # else the schedule built from the new settings stays
+        scheduler_state(scheduler).load_state_dict(ckpt['lr_scheduler'])
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     if model_ema is not None:
@@ -218,3 +230,235 @@ def restore_ema(model_ema, model, ckpt: dict, path: str) -> None:
     except (RuntimeError, ValueError, KeyError) as err:
         detail = ' '.join(str(err).split())[:200]
         raise CheckpointError(f'{path}: its EMA weights (model_ema) do not fit the model ({detail})') from None
+
+
+# ---- a run's settings: what a resume, an evaluation or a fine-tune takes from the file -----------------
+# main.py flags that rebuild a checkpoint's model: --eval --resume and --finetune FILE take them from the file
+MODEL_SETTINGS = ('model', 'model_kwargs', 'input_size', 'nb_classes')
+# flags of the lr schedule: one a resume changes makes the schedule rebuilt from the new settings, not restored
+SCHEDULE_SETTINGS = ('epochs', 'sched', 'lr', 'lr_noise', 'lr_noise_pct', 'lr_noise_std', 'warmup_lr', 'min_lr',
+                     'decay_epochs', 'warmup_epochs', 'cooldown_epochs', 'patience_epochs', 'decay_rate')
+# optimizer hyperparameters: one a resume changes is set over the restored optimizer state
+OPTIMIZER_SETTINGS = ('weight_decay', 'opt_eps', 'opt_betas', 'momentum', 'layer_decay')
+
+
+def flag_text(key: str, value) -> str:
+    if isinstance(value, dict):
+        value = ' '.join(f'{k}={v}' for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        value = ' '.join(map(str, value))
+    return f'--{key.replace("_", "-")} {value}'
+
+
+def take_settings(args, settings: dict, source: str) -> None:
+    """Model settings (MODEL_SETTINGS keys) from a checkpoint or a released tag, for the flags the user did
+    not give (args.given; without that record, none are taken). Prints what was taken."""
+    given = getattr(args, 'given', None)
+    if given is None:
+        return
+    taken = {k: v for k, v in settings.items() if k not in given and v is not None and v != getattr(args, k)}
+    for key, value in taken.items():
+        setattr(args, key, value)
+    if taken:
+        print(f'Model settings from {source}: {" ".join(flag_text(k, v) for k, v in taken.items())} '
+              f'(give a flag to override)')
+
+
+def take_model_settings(args, ckpt: dict, path: str, keys=MODEL_SETTINGS) -> None:
+    """The model settings a checkpoint was trained with (its `args`), for those the user did not give. A --model
+    given that is not the file's takes none of them (the file's kwargs and sizes are another model's)."""
+    saved = ckpt.get('args')
+    if not isinstance(saved, argparse.Namespace):
+        return
+    settings = {key: getattr(saved, key, None) for key in keys}
+    if settings['model'] is not None and settings['model'] not in timm.list_models(module='models_vit5'):
+        print(f'{path} was trained with --model {settings.pop("model")}, which this code does not define')
+    elif 'model' in getattr(args, 'given', ()) and args.model != settings['model']:
+        return
+    take_settings(args, settings, path)
+
+
+def take_finetune_settings(args) -> None:
+    """--finetune: the model settings of a released tag (e.g. vit5_base.in1k_384: model and input size) or of a
+    checkpoint file's args (model, kwargs and input size: the classifier follows the new data), for those the
+    user did not give. A --model of another architecture cannot take a tag's weights."""
+    if os.path.isfile(args.finetune):
+        take_model_settings(args, load_checkpoint(args.finetune), args.finetune, keys=MODEL_SETTINGS[:3])
+        return
+    cfg = models_vit5.released_cfg(args.finetune)
+    if cfg is None:
+        return
+    if 'model' in getattr(args, 'given', ()) and args.model != cfg['architecture']:
+        raise ConfigError(f'--finetune {args.finetune} holds {cfg["architecture"]} weights, which --model '
+                          f'{args.model} cannot take')
+    take_settings(args, dict(model=cfg['architecture'], input_size=cfg['input_size'][-1]), args.finetune)
+
+
+def given_lr(saved: argparse.Namespace, ckpt: dict) -> float:
+    """The --lr a checkpoint's run was started with: its args hold the lr after the batch-size rule (lr x batch x
+    accum_iter x world size / 512 without --unscale-lr), as the released files' do."""
+    if getattr(saved, 'unscale_lr', False):
+        return saved.lr
+    world = ckpt.get('world_size') or getattr(saved, 'world_size', 1) or 1
+    return saved.lr * 512.0 / (saved.batch_size * getattr(saved, 'accum_iter', 1) * world)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9)  # an lr through the batch-size rule and back
+    return a == b
+
+
+def take_run_settings(args, ckpt: dict, path: str, flags, found: bool = False) -> None:
+    """A resume continues the run the checkpoint holds: each of `flags` (the run's settings: model, recipe, data,
+    seed; not the machine's or the launch's) the user did not give takes the checkpoint's value. One line lists
+    the flags given with another value; `args.resume_changes` names them (resume_training makes the schedule and
+    the optimizer follow them). Without --output_dir the run goes on writing beside the checkpoint. `found`: the
+    file is the one --auto-resume found."""
+    saved, given = ckpt.get('args'), getattr(args, 'given', None)
+    if not isinstance(saved, argparse.Namespace) or given is None:  # a file without its run's command line
+        take_model_settings(args, ckpt, path)
+        args.resume_changes = []
+        return
+    model = getattr(saved, 'model', None)
+    if model is not None and model not in timm.list_models(module='models_vit5'):
+        print(f'{path} was trained with --model {model}, which this code does not define')
+        flags = [key for key in flags if key not in MODEL_SETTINGS]
+    changed = []
+    for key in flags:
+        if not hasattr(saved, key):  # a flag newer than the checkpoint: today's default
+            continue
+        value = given_lr(saved, ckpt) if key == 'lr' else getattr(saved, key)
+        if key not in given:
+            setattr(args, key, value)
+        elif not _same(value, getattr(args, key)):
+            changed.append(key)
+    args.resume_changes = changed
+    if 'output_dir' not in given:
+        args.output_dir = os.path.dirname(path) or '.'
+    text = ', '.join(f'{flag_text(key, given_lr(saved, ckpt) if key == "lr" else getattr(saved, key))} -> '
+                     f'{flag_text(key, getattr(args, key)).split(" ", 1)[1]}' for key in changed)
+    rebuilt = ' (the lr schedule is rebuilt for them)' if set(changed) & set(SCHEDULE_SETTINGS) else ''
+    print(f'{"Auto-resuming from" if found else "Resuming"} {path} with the settings it was trained with, writing to '
+          f'{args.output_dir}; '
+          + (f'changed: {text}{rebuilt}' if changed else 'no setting changed'))
+
+
+def nothing_left_to_train(args, ckpt: dict) -> bool:
+    """True when the checkpoint already holds the run's last epoch. --auto-resume (a requeued job) then
+    ends quietly; an explicit --resume is an error, since the user expected training to happen."""
+    last = ckpt.get('epoch')
+    if not isinstance(last, int) or last + 1 < args.epochs or ckpt.get('batches_done') is not None:
+        return False
+    message = (f'nothing left to train: {args.resume} already finished epoch {last}, the last of --epochs '
+               f'{args.epochs}')
+    if args.auto_resume:
+        print(message[0].upper() + message[1:])
+        return True
+    raise ConfigError(f'{message}; raise --epochs to train further, or evaluate it with --eval --resume {args.resume}')
+
+
+# what a run leaves in its --output_dir that a run writing there would overwrite or extend
+RUN_STATE = ('checkpoint.pth', PREVIOUS + 'checkpoint.pth', 'best_checkpoint.pth', 'log.txt')
+
+
+def check_run_folder(out: str, resume: str = '', newest: bool = False) -> None:
+    """Training writes into --output_dir only what continues the run there: a folder holding a run (its
+    checkpoints or log) is refused to a new run, a fine-tune, or a resume of any other file than the folder's
+    own checkpoint.pth (`newest`: --auto-resume found the folder's newest readable one)."""
+    if not out or newest:
+        return
+    held = [name for name in RUN_STATE if os.path.exists(os.path.join(out, name))]
+    if not held:
+        return
+    last = os.path.join(out, 'checkpoint.pth')
+    if resume and os.path.exists(last) and os.path.samefile(resume, last):
+        return
+    what = f'resuming {resume}' if resume else 'a new run'
+    raise ConfigError(f'--output_dir {out} holds a run ({", ".join(held)}) that {what} would overwrite: continue '
+                      f'that run with --resume {last} (or --auto-resume), or write to another --output_dir')
+
+
+# ---- weights into a model ------------------------------------------------------------------------------
+def _listing(items, n: int = 4) -> str:
+    items = list(items)
+    more = f' and {len(items) - n} more' if len(items) > n else ''
+    return ', '.join(str(i) for i in items[:n]) + more
+
+
+def weight_mismatch(own: dict, state: dict, file_shapes: Optional[dict] = None) -> str:
+    """'' when `state` fits the state dict `own` exactly; else which keys differ, and how.
+    `file_shapes` gives the shapes the file itself holds, where `state` was adapted (a resampled pos_embed)."""
+    file_shapes = file_shapes or {}
+    differ = [f'{k} (file {file_shapes.get(k, tuple(v.shape))}, model {tuple(own[k].shape)})'
+              for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    return '; '.join(text for text in (
+        differ and f'shapes differ for {_listing(differ)}',
+        missing and f'missing keys [{_listing(missing)}]',
+        unexpected and f'unexpected keys [{_listing(unexpected)}]') if text)
+
+
+def load_weights(model: nn.Module, ckpt: dict, path: str, use_ema: bool, finetune: bool) -> None:
+    """Put a checkpoint's `model` (or `model_ema`) weights into `model`.
+
+    Prefixes are stripped and pos_embed resampled to the model's grid (checkpoint_filter_fn).
+    Resume / eval demand an exact fit. Fine-tuning drops a classifier head of another shape and
+    prints one summary line (finetune_summary); any other shape difference is an error.
+    """
+    has_ema = isinstance(ckpt.get('model_ema', ckpt.get('state_dict_ema')), dict)
+    if use_ema and not has_ema:
+        raise CheckpointError(f'{path} holds no EMA weights (model_ema) for --load_ema')
+    try:
+        file_shapes = {k: tuple(v.shape) for k, v in models_vit5.checkpoint_state_dict(ckpt, use_ema).items()
+                       if isinstance(v, torch.Tensor)}
+        state = models_vit5.checkpoint_filter_fn(ckpt, model, use_ema=use_ema)
+    except (ValueError, AttributeError, TypeError) as err:
+        raise CheckpointError(f'{path} holds no usable weights: {err}') from None
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    own, name = model.state_dict(), model.pretrained_cfg.get('architecture', type(model).__name__)
+    if not set(state) & set(own):
+        raise CheckpointError(f'{path} holds no weights of {name} (no parameter name in common)')
+    dropped = []
+    if finetune:
+        head = model.pretrained_cfg.get('classifier', 'head') + '.'
+        dropped = [k for k in state if k.startswith(head) and k in own and state[k].shape != own[k].shape]
+        for k in dropped:
+            state.pop(k)
+        shared = [k for k in state if k in own]
+        mismatch = weight_mismatch({k: own[k] for k in shared}, {k: state[k] for k in shared}, file_shapes)
+    else:
+        mismatch = weight_mismatch(own, state, file_shapes)
+    if mismatch:
+        raise CheckpointError(f'{path} does not fit {name}: {mismatch}')
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if finetune:
+        kind = 'EMA weights' if use_ema else 'model weights' if has_ema or 'model' in ckpt else 'weights'
+        print(finetune_summary(path, kind, state, own, file_shapes, dropped, missing, unexpected))
+
+
+def finetune_summary(path, kind, state, own, file_shapes, dropped, missing, unexpected) -> str:
+    """One line: what a fine-tune took from which file, what was resampled, dropped or left out."""
+    loaded = len(state) - len(unexpected)
+    parts = [f'Fine-tuning from {path} ({kind}): loaded {loaded} of {len(own)} tensors']
+    for k, v in state.items():
+        if k in own and file_shapes.get(k, tuple(v.shape)) != tuple(v.shape):
+            before, after = file_shapes[k], tuple(v.shape)
+            if k == 'pos_embed':  # (1, grid cells, D): say it as grids
+                before, after = ('x'.join(map(str, _square(s[1]))) for s in (before, after))
+            parts.append(f'{k} resampled {before} -> {after}')
+    if dropped:
+        parts.append(f'dropped {", ".join(dropped)} ({file_shapes[dropped[0]][0]} classes in the file, '
+                     f'{own[dropped[0]].shape[0]} in the model)')
+    missing = [k for k in missing if k not in dropped]
+    if missing:
+        parts.append(f'not in the file, left at their initial values: {_listing(missing)}')
+    if unexpected:
+        parts.append(f'in the file but unused: {_listing(unexpected)}')
+    return '; '.join(parts)
+
+
+def _square(n: int):
+    side = math.isqrt(n)
+    return (side, side) if side * side == n else (n,)

@@ -16,7 +16,6 @@ import datetime
 import functools
 import inspect
 import json
-import math
 import os
 import re
 import sys
@@ -285,10 +284,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-# settings that rebuild a checkpoint's model: --resume takes them from the checkpoint unless given
-MODEL_SETTINGS = ('model', 'model_kwargs', 'input_size', 'nb_classes')
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, plus `args.given`: the destinations of the flags the user actually gave."""
     args = get_args_parser().parse_args(argv)
@@ -297,6 +292,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         action.default = argparse.SUPPRESS  # leaves only what was given in the namespace
     args.given = sorted(vars(explicit.parse_args(argv)))
     return args
+
+
+# Flags of one invocation: what to load or do, the machine, the launch, speed and logging. A resume takes every
+# other flag (the run's settings: model, recipe, data, seed, --save-interval) from its checkpoint unless given.
+INVOCATION_FLAGS = frozenset((
+    'resume', 'auto_resume', 'start_epoch', 'eval', 'eval_set', 'real_labels', 'finetune', 'load_ema', 'output_dir',
+    'device', 'num_workers', 'pin_mem', 'flash', 'compile', 'compile_mode', 'opt_fused', 'model_ema_force_cpu', 'tf32',
+    'distributed', 'world_size', 'dist_url', 'dist_timeout', 'dist_eval', 'ddp_bucket_view', 'ddp_static_graph',
+    'if_wandb', 'wandb_key', 'wandb_project', 'wandb_entity', 'wandb_resume'))
+RUN_SETTINGS = tuple(dict.fromkeys(a.dest for a in get_args_parser()._actions
+                                   if a.dest != 'help' and a.dest not in INVOCATION_FLAGS))
 
 
 # ---- settings ------------------------------------------------------------------------------------
@@ -487,90 +493,6 @@ def build_model(args, nb_classes: int) -> nn.Module:
     return model
 
 
-def _listing(items, n: int = 4) -> str:
-    items = list(items)
-    more = f' and {len(items) - n} more' if len(items) > n else ''
-    return ', '.join(str(i) for i in items[:n]) + more
-
-
-def weight_mismatch(own: dict, state: dict, file_shapes: Optional[dict] = None) -> str:
-    """'' when `state` fits the state dict `own` exactly; else which keys differ, and how.
-    `file_shapes` gives the shapes the file itself holds, where `state` was adapted (a resampled pos_embed)."""
-    file_shapes = file_shapes or {}
-    differ = [f'{k} (file {file_shapes.get(k, tuple(v.shape))}, model {tuple(own[k].shape)})'
-              for k, v in state.items() if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    return '; '.join(text for text in (
-        differ and f'shapes differ for {_listing(differ)}',
-        missing and f'missing keys [{_listing(missing)}]',
-        unexpected and f'unexpected keys [{_listing(unexpected)}]') if text)
-
-
-def load_weights(model: nn.Module, ckpt: dict, path: str, use_ema: bool, finetune: bool) -> None:
-    """Put a checkpoint's `model` (or `model_ema`) weights into `model`.
-
-    Prefixes are stripped and pos_embed resampled to the model's grid (checkpoint_filter_fn).
-    Resume / eval demand an exact fit. Fine-tuning drops a classifier head of another shape and
-    prints one summary line (finetune_summary); any other shape difference is an error.
-    """
-    has_ema = isinstance(ckpt.get('model_ema', ckpt.get('state_dict_ema')), dict)
-    if use_ema and not has_ema:
-        raise CheckpointError(f'{path} holds no EMA weights (model_ema) for --load_ema')
-    try:
-        file_shapes = {k: tuple(v.shape) for k, v in models_vit5.checkpoint_state_dict(ckpt, use_ema).items()
-                       if isinstance(v, torch.Tensor)}
-        state = models_vit5.checkpoint_filter_fn(ckpt, model, use_ema=use_ema)
-    except (ValueError, AttributeError, TypeError) as err:
-        raise CheckpointError(f'{path} holds no usable weights: {err}') from None
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    own, name = model.state_dict(), model.pretrained_cfg.get('architecture', type(model).__name__)
-    if not set(state) & set(own):
-        raise CheckpointError(f'{path} holds no weights of {name} (no parameter name in common)')
-    dropped = []
-    if finetune:
-        head = model.pretrained_cfg.get('classifier', 'head') + '.'
-        dropped = [k for k in state if k.startswith(head) and k in own and state[k].shape != own[k].shape]
-        for k in dropped:
-            state.pop(k)
-        shared = [k for k in state if k in own]
-        mismatch = weight_mismatch({k: own[k] for k in shared}, {k: state[k] for k in shared}, file_shapes)
-    else:
-        mismatch = weight_mismatch(own, state, file_shapes)
-    if mismatch:
-        raise CheckpointError(f'{path} does not fit {name}: {mismatch}')
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if finetune:
-        kind = 'EMA weights' if use_ema else 'model weights' if has_ema or 'model' in ckpt else 'weights'
-        print(finetune_summary(path, kind, state, own, file_shapes, dropped, missing, unexpected))
-
-
-def finetune_summary(path, kind, state, own, file_shapes, dropped, missing, unexpected) -> str:
-    """One line: what a fine-tune took from which file, what was resampled, dropped or left out."""
-    loaded = len(state) - len(unexpected)
-    parts = [f'Fine-tuning from {path} ({kind}): loaded {loaded} of {len(own)} tensors']
-    for k, v in state.items():
-        if k in own and file_shapes.get(k, tuple(v.shape)) != tuple(v.shape):
-            before, after = file_shapes[k], tuple(v.shape)
-            if k == 'pos_embed':  # (1, grid cells, D): say it as grids
-                before, after = ('x'.join(map(str, _square(s[1]))) for s in (before, after))
-            parts.append(f'{k} resampled {before} -> {after}')
-    if dropped:
-        parts.append(f'dropped {", ".join(dropped)} ({file_shapes[dropped[0]][0]} classes in the file, '
-                     f'{own[dropped[0]].shape[0]} in the model)')
-    missing = [k for k in missing if k not in dropped]
-    if missing:
-        parts.append(f'not in the file, left at their initial values: {_listing(missing)}')
-    if unexpected:
-        parts.append(f'in the file but unused: {_listing(unexpected)}')
-    return '; '.join(parts)
-
-
-def _square(n: int):
-    side = math.isqrt(n)
-    return (side, side) if side * side == n else (n,)
-
-
 def build_teacher(args, nb_classes: int, device) -> Optional[nn.Module]:
     if args.distillation_type == 'none':
         return None
@@ -583,7 +505,7 @@ def build_teacher(args, nb_classes: int, device) -> Optional[nn.Module]:
     ckpt = checkpoint.load_checkpoint(args.teacher_path)
     state = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    mismatch = weight_mismatch(teacher.state_dict(), state)
+    mismatch = checkpoint.weight_mismatch(teacher.state_dict(), state)
     if mismatch:
         raise CheckpointError(f'{args.teacher_path} does not fit --teacher-model {args.teacher_model}: {mismatch}')
     teacher.load_state_dict(state)
@@ -836,26 +758,34 @@ def set_cpu_threads(num_workers: int) -> None:
 
 
 def start(args) -> Optional[dict]:
-    """Seeds the run; returns the checkpoint to resume (or evaluate) from, or None. The model settings
-    of that checkpoint, or of a --finetune tag, are taken for the flags the user did not give."""
-    utils.seed_everything(args.seed + utils.get_rank())  # the initial weights (DDP then copies rank 0's)
+    """Seeds the run; returns the checkpoint to resume (or evaluate) from, or None. A training resume takes the
+    run's settings from it, an evaluation its model settings, a --finetune tag or file the model settings too:
+    each for the flags the user did not give. A training run's --output_dir must not hold another run."""
     ckpt = None
     found = checkpoint.newest_checkpoint(os.path.join(args.output_dir, 'checkpoint.pth')) if args.auto_resume else None
     if found is not None:
         args.resume, ckpt = found
-        print(f'Auto-resuming from {args.resume}')
     elif args.resume:
         ckpt = checkpoint.load_checkpoint(args.resume)
-    if ckpt is not None:
-        take_model_settings(args, ckpt, args.resume)
+    if ckpt is not None and not args.eval:
+        checkpoint.take_run_settings(args, ckpt, args.resume, RUN_SETTINGS, found=found is not None)
+        check_args(args)  # the taken settings with those the user gave
+    elif ckpt is not None:
+        if found is not None:
+            print(f'Auto-resuming from {args.resume}')
+        checkpoint.take_model_settings(args, ckpt, args.resume)
     elif args.finetune:
-        take_tag_settings(args)
+        checkpoint.take_finetune_settings(args)
+    if not args.eval:
+        newest = found is not None and found[0] != os.path.join(args.output_dir, 'checkpoint.pth')
+        checkpoint.check_run_folder(args.output_dir, args.resume if ckpt is not None else '', newest)
+    utils.seed_everything(args.seed + utils.get_rank())  # the initial weights (DDP then copies rank 0's)
     return ckpt
 
 
 def run(args, device, amp_dtype) -> dict:
     ckpt = start(args)
-    if ckpt is not None and not args.eval and nothing_left_to_train(args, ckpt):
+    if ckpt is not None and not args.eval and checkpoint.nothing_left_to_train(args, ckpt):
         return {}
     loader_train, loader_val, n_val, nb_classes = build_loaders(args, device)
     model = prepare_model(args, nb_classes, device, ckpt)
@@ -868,63 +798,6 @@ def run(args, device, amp_dtype) -> dict:
     # the folder appears only now, and goes again if the run fails before its first checkpoint
     with utils.output_folder(args.output_dir, keep_if='checkpoint.pth'):
         return train(args, model, ckpt, loader_train, loader_val, n_val, nb_classes, device, amp_dtype)
-
-
-def _flag_text(key: str, value) -> str:
-    if isinstance(value, dict):
-        value = ' '.join(f'{k}={v}' for k, v in value.items())
-    return f'--{key.replace("_", "-")} {value}'
-
-
-def take_settings(args, settings: dict, source: str) -> None:
-    """Model settings (MODEL_SETTINGS keys) from a checkpoint or a released tag, for the flags the user did
-    not give (args.given; without that record, none are taken). Prints what was taken."""
-    given = getattr(args, 'given', None)
-    if given is None:
-        return
-    taken = {k: v for k, v in settings.items() if k not in given and v is not None and v != getattr(args, k)}
-    for key, value in taken.items():
-        setattr(args, key, value)
-    if taken:
-        print(f'Model settings from {source}: {" ".join(_flag_text(k, v) for k, v in taken.items())} '
-              f'(give a flag to override)')
-
-
-def take_model_settings(args, ckpt: dict, path: str) -> None:
-    """The model settings a checkpoint was trained with (its `args`), for those the user did not give."""
-    saved = ckpt.get('args')
-    if not isinstance(saved, argparse.Namespace):
-        return
-    settings = {key: getattr(saved, key, None) for key in MODEL_SETTINGS}
-    if settings['model'] is not None and settings['model'] not in timm.list_models(module='models_vit5'):
-        print(f'{path} was trained with --model {settings.pop("model")}, which this code does not define')
-    take_settings(args, settings, path)
-
-
-def take_tag_settings(args) -> None:
-    """--finetune TAG (a released file, e.g. vit5_base.in1k_384): the tag's model and input size, for those
-    the user did not give. A --model of another architecture cannot take the tag's weights."""
-    cfg = None if os.path.isfile(args.finetune) else models_vit5.released_cfg(args.finetune)
-    if cfg is None:
-        return
-    if 'model' in getattr(args, 'given', ()) and args.model != cfg['architecture']:
-        raise ConfigError(f'--finetune {args.finetune} holds {cfg["architecture"]} weights, which --model '
-                          f'{args.model} cannot take')
-    take_settings(args, dict(model=cfg['architecture'], input_size=cfg['input_size'][-1]), args.finetune)
-
-
-def nothing_left_to_train(args, ckpt: dict) -> bool:
-    """True when the checkpoint already holds the run's last epoch. --auto-resume (a requeued job) then
-    ends quietly; an explicit --resume is an error, since the user expected training to happen."""
-    last = ckpt.get('epoch')
-    if not isinstance(last, int) or last + 1 < args.epochs or ckpt.get('batches_done') is not None:
-        return False
-    message = (f'nothing left to train: {args.resume} already finished epoch {last}, the last of --epochs '
-               f'{args.epochs}')
-    if args.auto_resume:
-        print(message[0].upper() + message[1:])
-        return True
-    raise ConfigError(f'{message}; raise --epochs to train further, or evaluate it with --eval --resume {args.resume}')
 
 
 def finetune_file(name: str) -> str:
@@ -941,10 +814,10 @@ def prepare_model(args, nb_classes: int, device, ckpt: Optional[dict]):
     if ckpt is not None:
         if args.finetune:
             print(f'Resuming from {args.resume}: --finetune {args.finetune} is not loaded')
-        load_weights(model, ckpt, args.resume, use_ema=args.eval and args.load_ema, finetune=False)
+        checkpoint.load_weights(model, ckpt, args.resume, use_ema=args.eval and args.load_ema, finetune=False)
     elif args.finetune:
         path = finetune_file(args.finetune)
-        load_weights(model, checkpoint.load_checkpoint(path), args.finetune, args.load_ema, finetune=True)
+        checkpoint.load_weights(model, checkpoint.load_checkpoint(path), args.finetune, args.load_ema, finetune=True)
     print(f'{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters')
     return model.to(device)
 

@@ -140,16 +140,16 @@ def test_main_finetune_tag_not_cached_offline_is_one_line(tmp_path, images):
 
 
 def test_a_released_tag_supplies_model_and_input_size_unless_given(capsys):
-    import main
+    import checkpoint
     from tinyrun import parse
     from utils import ConfigError
     args = parse(['--finetune', 'vit5_large.in1k_384'])
-    main.take_tag_settings(args)
+    checkpoint.take_finetune_settings(args)
     assert (args.model, args.input_size) == ('vit5_large', 384)
     assert capsys.readouterr().out == ('Model settings from vit5_large.in1k_384: --model vit5_large --input-size '
                                        '384 (give a flag to override)\n')
     args = parse(['--finetune', 'vit5_large.in1k_384', '--input-size', 224])  # fine-tuning at another size
-    main.take_tag_settings(args)
+    checkpoint.take_finetune_settings(args)
     assert (args.model, args.input_size) == ('vit5_large', 224)
     with pytest.raises(ConfigError, match='holds vit5_small weights, which --model vit5_base cannot take'):
-        main.take_tag_settings(parse(['--finetune', 'vit5_small.in1k', '--model', 'vit5_base']))
+        checkpoint.take_finetune_settings(parse(['--finetune', 'vit5_small.in1k', '--model', 'vit5_base']))

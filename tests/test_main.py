@@ -232,7 +232,8 @@ def test_auto_resume_falls_back_from_a_truncated_checkpoint(pretrain, tmp_path, 
     assert [line for line in out.splitlines() if 'esuming' in line] == [
         f'{newest} is truncated or not a PyTorch checkpoint (PytorchStreamReader failed reading zip archive: '
         f'failed finding central directory): resuming from the one before, {previous}',
-        f'Auto-resuming from {previous}'], out
+        f'Auto-resuming from {previous} with the settings it was trained with, writing to {run}; no setting '
+        f'changed'], out
     full, resumed = (checkpoint.load_checkpoint(str(d / 'checkpoint.pth')) for d in (pretrain.out, run))
     for key in ('model', 'model_ema'):
         assert all(torch.equal(t, resumed[key][name]) for name, t in full[key].items()), key
@@ -301,15 +302,15 @@ def test_wandb_only_when_asked(data, tmp_path, monkeypatch, capsys):
         init=lambda **kw: calls.append(('init', kw)) or types.SimpleNamespace(
             log=lambda stats, step: calls.append(('log', step)), finish=lambda: calls.append(('finish',))))
     monkeypatch.setitem(sys.modules, 'wandb', fake)
-    argv = TINY + ['--data-path', data, '--output_dir', tmp_path, '--batch', 8, '--epochs', 1,
-                   '--no-repeated-aug', '--mixup', 0, '--cutmix', 0, '--no-model-ema']
-    run_main(argv + ['--if_wandb', '--wandb_key', 'k', '--wandb_resume', 'run7'])
+    argv = TINY + ['--data-path', data, '--batch', 8, '--epochs', 1, '--no-repeated-aug', '--mixup', 0,
+                   '--cutmix', 0, '--no-model-ema']
+    run_main(argv + ['--output_dir', tmp_path / 'a', '--if_wandb', '--wandb_key', 'k', '--wandb_resume', 'run7'])
     assert [c[0] for c in calls] == ['login', 'init', 'log', 'finish']
     assert calls[1][1]['id'] == 'run7' and calls[1][1]['config']['epochs'] == 1
     # without the package: runs unless asked for (so it is imported only then), else a one-line error
     monkeypatch.setitem(sys.modules, 'wandb', None)
-    run_main(argv + ['--if_wandb', '--disable_wandb'])
-    assert 'pip install wandb' in cli_error(argv + ['--if_wandb'], capsys)
+    run_main(argv + ['--output_dir', tmp_path / 'b', '--if_wandb', '--disable_wandb'])
+    assert 'pip install wandb' in cli_error(argv + ['--output_dir', tmp_path / 'c', '--if_wandb'], capsys)
 
 
 def test_plain_command_trains(data, tmp_path):
