@@ -201,8 +201,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('fine-tuning')
     g.add_argument('--finetune', default='', metavar='CKPT',
                    help='start from these weights, a checkpoint file or a released tag such as vit5_small.in1k '
-                        '(pos_embed resampled, head of another shape dropped); a tag also sets --model and '
-                        '--input-size unless given')
+                        '(pos_embed resampled, head of another shape dropped); a tag, or the args stored in a file, '
+                        'also set --model, --model-kwargs and --input-size unless given')
     g.add_argument('--load_ema', action='store_true', help="--finetune / --eval read 'model_ema'")
     g.add_argument('--attn-only', action='store_true',
                    help='train attention, patch / position embedding and head only')
@@ -243,8 +243,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='autocast dtype (when not given: bfloat16 on CUDA, float32 elsewhere)')
     g.add_argument('--seed', type=NONNEG_INT, default=42, help='seed of every random stream (plus the rank)')
     g.add_argument('--resume', default='', metavar='CKPT',
-                   help='checkpoint to continue from (or, with --eval, to evaluate); its model settings are used '
-                        'unless --model / --model-kwargs / --input-size / --nb-classes are given')
+                   help='checkpoint to continue from: the run it holds goes on with its settings (model, recipe, '
+                        'data, seed) except the flags given, writing beside it unless --output_dir is given; with '
+                        '--eval, to evaluate (its model settings unless given)')
     g.add_argument('--auto-resume', action='store_true',
                    help='resume from OUTPUT_DIR/checkpoint.pth if there (or from previous_checkpoint.pth when '
                         'that one cannot be read)')
