@@ -170,9 +170,6 @@ def resume_training(args, ckpt: dict, path: str, model, model_ema, optimizer, sc
     already in); returns where the run continues. Optimizer hyperparameters and lr schedule flags the resume
     changed (take_run_settings) take effect: those hyperparameters are set over the restored state, and the
     schedule is the one built from the new settings."""
-    for key in ('optimizer', 'lr_scheduler', 'epoch'):
-        if key not in ckpt:
-            raise CheckpointError(f'{path} has no {key!r} to resume from (use --finetune to start from its weights)')
     changes = set(getattr(args, 'resume_changes', ()))  # flags given with other values than the checkpoint's
     built = [{k: v for k, v in group.items() if k not in ('params', 'lr', 'initial_lr')}
              for group in optimizer.param_groups]
@@ -315,6 +312,9 @@ def take_run_settings(args, ckpt: dict, path: str, flags, found: bool = False) -
     the flags given with another value; `args.resume_changes` names them (resume_training makes the schedule and
     the optimizer follow them). Without --output_dir the run goes on writing beside the checkpoint. `found`: the
     file is the one --auto-resume found."""
+    for key in ('optimizer', 'lr_scheduler', 'epoch'):  # a released file, or weights alone
+        if key not in ckpt:
+            raise CheckpointError(f'{path} has no {key!r} to resume from (use --finetune to start from its weights)')
     saved, given = ckpt.get('args'), getattr(args, 'given', None)
     if not isinstance(saved, argparse.Namespace) or given is None:  # a file without its run's command line
         take_model_settings(args, ckpt, path)

@@ -136,3 +136,15 @@ def test_finetune_from_a_file_takes_the_model_it_holds(run, tmp_path, capsys):
     source = checkpoint.load_checkpoint(str(ckpt))['model']
     assert tuned['model']['head.weight'].shape == (4, 48) and not torch.equal(tuned['model']['blocks.0.attn.qkv.weight'],
                                                                               source['blocks.0.attn.qkv.weight'])
+
+
+def test_a_resume_of_weights_alone_says_to_fine_tune_before_taking_any_setting(run, tmp_path, capsys):
+    """A released-style file (weights and the args of a run on another machine, no optimizer): resuming it is one
+    line pointing at --finetune, not an error about the data path its args name."""
+    saved = checkpoint.load_checkpoint(str(run.out / 'checkpoint.pth'))
+    saved['args'].data_path = '/datasets01/imagenet_full_size/061417/'
+    weights = tmp_path / 'released.pth'
+    torch.save(dict(model=saved['model'], args=saved['args']), weights)
+    code, _, err = cli(['--resume', weights, *MACHINE], capsys)
+    assert (code, err) == (2, f"error: {weights} has no 'optimizer' to resume from (use --finetune to start from "
+                              f"its weights)\n")
