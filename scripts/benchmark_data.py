@@ -165,11 +165,13 @@ class OpenDelay:
 
 def make_loader(args, pipeline: str, workers: int, device, batches=None, shards=None, open_delay: float = 0.0):
     """The training loader of main.py's `pipeline` over DATA/train, drawing batches * batch_size images at
-    random (batches None: one epoch, each image once), or over the --shards stream (one epoch); 'gpu_workers':
+    random (batches None: one epoch, each image once), each image's draws seeded as main.py seeds them, or
+    over the --shards stream (one epoch); 'gpu_workers':
     the gpu pipeline's DataLoader without the device half; 'read': the images' bytes, undecoded (their
     sizes are the batch). `open_delay`: seconds added to every file open."""
     import gpu_augment
     from datasets import ImageFolderDataset, build_transform
+    from seeding import SeededDataset, SeededSampler
     settings = recipe_args(args)
     gpu = pipeline in ('gpu', 'gpu_workers')
     transform = gpu_augment.worker_transform(True, settings) if gpu else build_transform(True, settings)
@@ -178,10 +180,13 @@ def make_loader(args, pipeline: str, workers: int, device, batches=None, shards=
         dataset = ImageFolderDataset(str(Path(args.data) / 'train'), transform)
         dataset.loader = read_file if pipeline == 'read' else dataset.loader
         dataset.loader = OpenDelay(dataset.loader, open_delay) if open_delay else dataset.loader
-        if batches is None:  # one epoch
-            sampler = torch.utils.data.RandomSampler(dataset)
+        if batches is None:  # one epoch, in the order main.py's sampler gives one process
+            sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True,
+                                                          seed=args.seed)
         else:
             sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batches * args.batch_size)
+        # each image's draws seeded from its place in the order, as main.py's loader (and the shard stream) does
+        dataset, sampler = SeededDataset(dataset), SeededSampler(sampler, args.seed)
     else:
         import wds_data
         dataset = wds_data.open_split(shards, True, transform).train_stream(args.batch_size, workers, seed=args.seed)
