@@ -268,11 +268,20 @@ def take_model_settings(args, ckpt: dict, path: str, keys=MODEL_SETTINGS) -> Non
     if not isinstance(saved, argparse.Namespace):
         return
     settings = {key: getattr(saved, key, None) for key in keys}
-    if settings['model'] is not None and settings['model'] not in timm.list_models(module='models_vit5'):
-        print(f'{path} was trained with --model {settings.pop("model")}, which this code does not define')
+    if not known_model(saved, path):
+        settings.pop('model')
     elif 'model' in getattr(args, 'given', ()) and args.model != settings['model']:
         return
     take_settings(args, settings, path)
+
+
+def known_model(saved: argparse.Namespace, path: str) -> bool:
+    """False, with one line, when a checkpoint's args name a --model this code does not define (then none is taken)."""
+    model = getattr(saved, 'model', None)
+    if model is None or model in timm.list_models(module='models_vit5'):
+        return True
+    print(f'{path} was trained with --model {model}, which this code does not define')
+    return False
 
 
 def take_finetune_settings(args) -> None:
@@ -320,24 +329,19 @@ def take_run_settings(args, ckpt: dict, path: str, flags, found: bool = False) -
         take_model_settings(args, ckpt, path)
         args.resume_changes = []
         return
-    model = getattr(saved, 'model', None)
-    if model is not None and model not in timm.list_models(module='models_vit5'):
-        print(f'{path} was trained with --model {model}, which this code does not define')
+    if not known_model(saved, path):
         flags = [key for key in flags if key not in MODEL_SETTINGS]
-    changed = []
-    for key in flags:
-        if not hasattr(saved, key):  # a flag newer than the checkpoint: today's default
-            continue
-        value = given_lr(saved, ckpt) if key == 'lr' else getattr(saved, key)
+    # the run's values (a flag newer than the checkpoint is left out: today's default)
+    run = {key: given_lr(saved, ckpt) if key == 'lr' else getattr(saved, key) for key in flags if hasattr(saved, key)}
+    changed = [key for key, value in run.items() if key in given and not _same(value, getattr(args, key))]
+    for key, value in run.items():
         if key not in given:
             setattr(args, key, value)
-        elif not _same(value, getattr(args, key)):
-            changed.append(key)
     args.resume_changes = changed
     if 'output_dir' not in given:
         args.output_dir = os.path.dirname(path) or '.'
-    text = ', '.join(f'{flag_text(key, given_lr(saved, ckpt) if key == "lr" else getattr(saved, key))} -> '
-                     f'{flag_text(key, getattr(args, key)).split(" ", 1)[1]}' for key in changed)
+    text = ', '.join(f'{flag_text(key, run[key])} -> {flag_text(key, getattr(args, key)).split(" ", 1)[1]}'
+                     for key in changed)
     rebuilt = ' (the lr schedule is rebuilt for them)' if set(changed) & set(SCHEDULE_SETTINGS) else ''
     print(f'{"Auto-resuming from" if found else "Resuming"} {path} with the settings it was trained with, writing to '
           f'{args.output_dir}; '
@@ -365,7 +369,7 @@ RUN_STATE = ('checkpoint.pth', PREVIOUS + 'checkpoint.pth', 'best_checkpoint.pth
 def check_run_folder(out: str, resume: str = '', newest: bool = False) -> None:
     """Training writes into --output_dir only what continues the run there: a folder holding a run (its
     checkpoints or log) is refused to a new run, a fine-tune, or a resume of any other file than the folder's
-    own checkpoint.pth (`newest`: --auto-resume found the folder's newest readable one)."""
+    own checkpoint.pth (`newest`: --auto-resume found the file, the folder's newest readable one)."""
     if not out or newest:
         return
     held = [name for name in RUN_STATE if os.path.exists(os.path.join(out, name))]

@@ -778,8 +778,7 @@ def start(args) -> Optional[dict]:
     elif args.finetune:
         checkpoint.take_finetune_settings(args)
     if not args.eval:
-        newest = found is not None and found[0] != os.path.join(args.output_dir, 'checkpoint.pth')
-        checkpoint.check_run_folder(args.output_dir, args.resume if ckpt is not None else '', newest)
+        checkpoint.check_run_folder(args.output_dir, args.resume if ckpt is not None else '', newest=found is not None)
     utils.seed_everything(args.seed + utils.get_rank())  # the initial weights (DDP then copies rank 0's)
     return ckpt
 
