@@ -22,11 +22,6 @@ RECIPE = TINY + ['--epochs', 3, '--lr', 2e-3, '--mixup', 0, '--cutmix', 0, '--sm
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp('data'))
-
-
-@pytest.fixture(scope='module')
 def run(data, tmp_path_factory):
     """The recipe's 3 epochs, with a copy of each epoch's checkpoint (checkpoint.pth.epochN)."""
     out = tmp_path_factory.mktemp('run')
@@ -148,3 +143,19 @@ def test_a_resume_of_weights_alone_says_to_fine_tune_before_taking_any_setting(r
     code, _, err = cli(['--resume', weights, *MACHINE], capsys)
     assert (code, err) == (2, f"error: {weights} has no 'optimizer' to resume from (use --finetune to start from "
                               f"its weights)\n")
+
+
+def test_a_model_this_code_does_not_define_is_named_and_its_model_settings_left(capsys):
+    """A checkpoint of another codebase's model: one line names it; a resume takes the recipe but none of the model
+    settings, an evaluation does not take the name."""
+    saved = main.parse_args(['--epochs', '7', '--model-kwargs', 'depth=2'])
+    saved.model = 'deit_small_patch16_224'
+    ckpt = dict(args=saved, optimizer={}, lr_scheduler={}, epoch=0)
+    line = 'old.pth was trained with --model deit_small_patch16_224, which this code does not define\n'
+    args = main.parse_args(['--input-size', '48'])
+    checkpoint.take_run_settings(args, ckpt, 'old.pth', main.RUN_SETTINGS)
+    assert capsys.readouterr().out.startswith(line)
+    assert (args.model, args.model_kwargs, args.input_size, args.epochs) == ('vit5_base', {}, 48, 7)
+    args = main.parse_args(['--eval', '--resume', 'old.pth'])
+    checkpoint.take_model_settings(args, ckpt, 'old.pth')
+    assert capsys.readouterr().out.startswith(line) and args.model == 'vit5_base'
