@@ -146,11 +146,6 @@ def test_lr_schedule_epoch_e_trains_at_value_e_and_resumes():
 
 # ---- end to end ---------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp('data'))
-
-
-@pytest.fixture(scope='module')
 def pretrain(data, tmp_path_factory):
     """3 epochs of the released pretraining flags (4 steps each), a checkpoint every 3 optimizer steps."""
     out = tmp_path_factory.mktemp('pretrain')
